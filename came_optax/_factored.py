@@ -1,0 +1,295 @@
+"""Factored second-moment scaling: CAME's first stage, and the factored EMA it shares.
+
+A matrix-shaped statistic ``X`` (``g**2`` here, the instability in
+:mod:`came_optax._confidence`) is tracked by two exponential moving averages of
+its means, one per kept axis, instead of a full copy. Its reconstruction
+
+.. math::
+
+  \\hat X_{ij} = \\frac{R_i\\, C_j}{\\operatorname{mean}_k R_k}
+
+is never materialised: callers multiply by the two broadcastable factors
+returned by :func:`rsqrt_factors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from came_optax import _checks
+
+FactoredDims = Literal["last_two", "largest_two"]
+
+
+class FactoredRmsState(NamedTuple):
+    """State of :func:`scale_by_factored_rms`.
+
+    The statistics are tuples with one entry per leaf of the parameters (in
+    ``jax.tree.leaves`` order), so the rank-reduced arrays never inherit metadata
+    such as ``nnx.Variable`` or ``nn.Partitioned`` annotations of their parameter.
+
+    Attributes:
+      count: number of updates applied so far (int32).
+      v_row: per leaf, the EMA of row means of ``g**2 + eps1`` (the parameter's
+        shape without its column axis), or None where the leaf is not factored.
+      v_col: per leaf, the EMA of column means (the shape without the row axis),
+        or None where the leaf is not factored.
+      v: per leaf, the full EMA of ``g**2 + eps1`` where the leaf is not
+        factored, else None.
+    """
+
+    count: jax.Array
+    v_row: tuple[jax.Array | None, ...]
+    v_col: tuple[jax.Array | None, ...]
+    v: tuple[jax.Array | None, ...]
+
+
+def factored_axes(
+    shape: tuple[int, ...],
+    factored_dims: FactoredDims = "last_two",
+    min_dim_size_to_factor: int | None = None,
+) -> tuple[int, int] | None:
+    """Which two axes of a leaf are factored, or None to keep a full statistic.
+
+    Args:
+      shape: the leaf's shape.
+      factored_dims: ``"last_two"`` factors the last two axes of every leaf of
+        rank >= 2, as came-pytorch does; ``"largest_two"`` factors the two largest
+        axes, as ``optax.adafactor`` does.
+      min_dim_size_to_factor: if set, a leaf is factored only when both chosen
+        axes have at least this size (``optax.adafactor`` uses 128). None, the
+        default, factors regardless of size, as came-pytorch does.
+
+    Returns:
+      ``(row_axis, col_axis)`` with ``row_axis < col_axis``: the row statistic
+      averages over ``col_axis`` and the column statistic over ``row_axis``.
+      None for scalars, vectors and empty leaves.
+
+    Example:
+      >>> from came_optax import factored_axes
+      >>> factored_axes((3, 3, 64, 128))
+      (2, 3)
+      >>> factored_axes((3, 3, 64, 128), 'largest_two', min_dim_size_to_factor=128) is None
+      True
+    """
+    if len(shape) < 2 or 0 in shape:
+        return None
+    if factored_dims == "last_two":
+        axes = (len(shape) - 2, len(shape) - 1)
+    elif factored_dims == "largest_two":
+        # Stable sort: among equal sizes the later axes win, like the reference.
+        order = sorted(range(len(shape)), key=lambda a: (shape[a], a))
+        axes = tuple(sorted(order[-2:]))
+    else:
+        raise ValueError(
+            f"factored_dims must be 'last_two' or 'largest_two'; got {factored_dims!r}."
+        )
+    if min_dim_size_to_factor is not None and min(shape[a] for a in axes) < min_dim_size_to_factor:
+        return None
+    return axes
+
+
+def check_factoring_args(factored_dims: Any, min_dim_size_to_factor: Any) -> None:
+    """Validates the static factoring options at construction."""
+    if factored_dims not in ("last_two", "largest_two"):
+        raise ValueError(
+            f"factored_dims must be 'last_two' or 'largest_two'; got {factored_dims!r}."
+        )
+    _checks.check_static_int("min_dim_size_to_factor", min_dim_size_to_factor, 1)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype statistics are kept in: float32, or float64 for float64 leaves."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def init_moments(
+    leaf: Any, axes: tuple[int, int] | None
+) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
+    """Zero ``(row, col, full)`` statistics for one leaf; unused entries are None."""
+    shape, dtype = jnp.shape(leaf), compute_dtype(jnp.result_type(leaf))
+    if axes is None:
+        return None, None, jnp.zeros(shape, dtype)
+    row_axis, col_axis = axes
+    row = jnp.zeros(shape[:col_axis] + shape[col_axis + 1 :], dtype)
+    col = jnp.zeros(shape[:row_axis] + shape[row_axis + 1 :], dtype)
+    return row, col, None
+
+
+def update_moments(
+    x: jax.Array,
+    row: jax.Array | None,
+    col: jax.Array | None,
+    full: jax.Array | None,
+    axes: tuple[int, int] | None,
+    decay: jax.Array | float,
+) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
+    """One EMA step (``decay``) of the statistics of ``x``, factored or full."""
+    if axes is None:
+        return None, None, decay * full + (1.0 - decay) * x
+    row_axis, col_axis = axes
+    row = decay * row + (1.0 - decay) * jnp.mean(x, axis=col_axis)
+    col = decay * col + (1.0 - decay) * jnp.mean(x, axis=row_axis)
+    return row, col, None
+
+
+def rsqrt_factors(
+    row: jax.Array | None,
+    col: jax.Array | None,
+    full: jax.Array | None,
+    axes: tuple[int, int] | None,
+    correction: jax.Array | float | None = None,
+) -> tuple[jax.Array, ...]:
+    """Broadcastable factors whose product is ``rsqrt(X / correction)``.
+
+    Returns one full-shape factor for an unfactored leaf, and a row factor and a
+    column factor (each with a size-one axis where the other varies) for a
+    factored one, so that ``x * prod(factors)`` fuses into one elementwise loop.
+    """
+    if axes is None:
+        return (jax.lax.rsqrt(full if correction is None else full / correction),)
+    row_axis, col_axis = axes
+    normalised = row / jnp.mean(row, axis=row_axis, keepdims=True)
+    if correction is not None:
+        normalised = normalised / correction
+    r_factor = jnp.expand_dims(jax.lax.rsqrt(normalised), col_axis)
+    c_factor = jnp.expand_dims(jax.lax.rsqrt(col), row_axis)
+    return r_factor, c_factor
+
+
+def scale_with(x: jax.Array, factors: tuple[jax.Array, ...]) -> jax.Array:
+    """``x`` times the reconstructed inverse square root, in the reference's order."""
+    if len(factors) == 1:
+        return factors[0] * x
+    r_factor, c_factor = factors
+    return (r_factor * c_factor) * x
+
+
+def check_leaves(
+    leaves: list[Any],
+    axes: list[tuple[int, int] | None],
+    rows: tuple,
+    fulls: tuple,
+    who: str,
+) -> None:
+    """Raises ValueError when updates do not match the tree the state was built for."""
+    if len(leaves) != len(rows):
+        raise ValueError(
+            f"{who}: the updates have {len(leaves)} leaves but the optimizer state was "
+            f"initialised for {len(rows)}. Pass updates with the same tree structure as "
+            "the parameters given to init."
+        )
+    for i, (leaf, a, row, full) in enumerate(zip(leaves, axes, rows, fulls, strict=True)):
+        shape = jnp.shape(leaf)
+        if a is None:
+            ok = full is not None and full.shape == shape
+        else:
+            ok = row is not None and row.shape == shape[: a[1]] + shape[a[1] + 1 :]
+        if not ok:
+            raise ValueError(
+                f"{who}: update leaf {i} has shape {shape}, which does not match the "
+                "optimizer state initialised for the parameters. Pass updates with the same "
+                "tree structure and shapes as the parameters given to init."
+            )
+
+
+def scale_by_factored_rms(
+    b2: float | jax.Array = 0.999,
+    eps1: float | jax.Array = 1e-30,
+    *,
+    debias: bool = False,
+    factored_dims: FactoredDims = "last_two",
+    min_dim_size_to_factor: int | None = None,
+) -> optax.GradientTransformation:
+    r"""Scales updates by the inverse root of a factored second-moment estimate.
+
+    CAME's first stage (Luo et al., 2023, Algorithm 1, lines 3-6), the same
+    preconditioner as Adafactor's. For each leaf with gradient :math:`g`, with
+    :math:`s = g^2 + \epsilon_1`:
+
+    * factored leaves (by default every leaf of rank >= 2, over its last two
+      axes):
+
+      .. math::
+
+        R_t = \beta_2 R_{t-1} + (1-\beta_2)\operatorname{mean}_{\text{col}}(s),\quad
+        C_t = \beta_2 C_{t-1} + (1-\beta_2)\operatorname{mean}_{\text{row}}(s),\quad
+        V_t = \frac{R_t C_t^\top}{\operatorname{mean}(R_t)}
+
+    * other leaves: :math:`V_t = \beta_2 V_{t-1} + (1-\beta_2) s`.
+
+    The output is :math:`u_t = g / \sqrt{V_t}`. The outer product is never
+    formed. Statistics are kept in float32 whatever the gradient dtype (float64
+    for float64 leaves) and the output is in that dtype too.
+
+    With ``debias=True`` (an option beyond the paper and came-pytorch)
+    :math:`V_t` is replaced by :math:`V_t / (1 - \beta_2^t)`, as Adam corrects
+    its second moment.
+
+    Args:
+      b2: decay of the second-moment EMAs, in [0, 1]. May be scheduled or
+        injected.
+      eps1: added to :math:`g^2` before averaging, >= 0.
+      debias: divide the estimate by :math:`1-\beta_2^t`. Off in the reference.
+      factored_dims: which axes to factor; see :func:`factored_axes`.
+      min_dim_size_to_factor: minimum size of both factored axes; None (the
+        reference) factors every leaf of rank >= 2.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a
+      :class:`FactoredRmsState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from came_optax import scale_by_factored_rms
+      >>> tx = optax.chain(scale_by_factored_rms(), optax.scale(-1e-3))
+      >>> params = {'w': jnp.ones((4, 3))}
+      >>> updates, state = tx.update({'w': jnp.full((4, 3), 0.5)}, tx.init(params))
+      >>> updates['w'].shape
+      (4, 3)
+
+    References:
+      Luo et al., CAME: Confidence-guided Adaptive Memory Efficient
+      Optimization, ACL 2023 (arXiv:2307.02047); Shazeer & Stern, Adafactor,
+      ICML 2018 (arXiv:1804.04235).
+    """
+    _checks.check_range("b2", b2, 0.0, 1.0)
+    _checks.check_range("eps1", eps1, 0.0)
+    check_factoring_args(factored_dims, min_dim_size_to_factor)
+
+    def leaf_axes(leaves):
+        return [factored_axes(jnp.shape(x), factored_dims, min_dim_size_to_factor) for x in leaves]
+
+    def init_fn(params):
+        leaves = jax.tree.leaves(params)
+        _checks.check_float_leaves(leaves, "parameters")
+        moments = [init_moments(x, a) for x, a in zip(leaves, leaf_axes(leaves), strict=True)]
+        rows, cols, fulls = (tuple(m) for m in zip(*moments, strict=True)) if moments else ((),) * 3
+        return FactoredRmsState(jnp.zeros([], jnp.int32), rows, cols, fulls)
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        axes = leaf_axes(leaves)
+        check_leaves(leaves, axes, state.v_row, state.v, "scale_by_factored_rms")
+        _checks.check_float_leaves(leaves, "updates")
+        count = optax.safe_increment(state.count)
+        correction = 1.0 - jnp.asarray(b2, jnp.float32) ** count if debias else None
+        outs, rows, cols, fulls = [], [], [], []
+        for g, row, col, full, a in zip(
+            leaves, state.v_row, state.v_col, state.v, axes, strict=True
+        ):
+            g = g.astype(compute_dtype(g.dtype))
+            row, col, full = update_moments(g * g + eps1, row, col, full, a, b2)
+            outs.append(scale_with(g, rsqrt_factors(row, col, full, a, correction)))
+            rows.append(row)
+            cols.append(col)
+            fulls.append(full)
+        new_state = FactoredRmsState(count, tuple(rows), tuple(cols), tuple(fulls))
+        return jax.tree.unflatten(treedef, outs), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
