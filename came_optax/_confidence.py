@@ -126,7 +126,7 @@ def scale_by_confidence(
         leaves = jax.tree.leaves(params)
         _checks.check_float_leaves(leaves, "parameters")
         mu = jax.tree.map(
-            lambda p: jnp.zeros_like(p, dtype=momentum_dtype(jnp.result_type(p))), params
+            lambda p: _factored.zeros_like_param(p, momentum_dtype(jnp.result_type(p))), params
         )
         moments = [
             _factored.init_moments(x, a) for x, a in zip(leaves, leaf_axes(leaves), strict=True)
@@ -150,8 +150,8 @@ def scale_by_confidence(
         _factored.check_leaves(leaves, axes, state.r_row, mus, "scale_by_confidence")
         count = optax.safe_increment(state.count)
         if debias:
-            mu_correction = 1.0 - jnp.asarray(b1, jnp.float32) ** count
-            r_correction = 1.0 - jnp.asarray(b3, jnp.float32) ** count
+            mu_correction = _factored.bias_correction(b1, count)
+            r_correction = _factored.bias_correction(b3, count)
         else:
             mu_correction = r_correction = None
         outs, new_mus, rows, cols = [], [], [], []

@@ -18,7 +18,9 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from came_optax import _checks
 
@@ -107,17 +109,53 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def zeros_like_param(leaf: Any, dtype: Any) -> jax.Array:
+    """Zeros of ``leaf``'s shape in ``dtype``, sharded like ``leaf`` even under ``jax.jit``.
+
+    Inside ``jax.jit`` with auto axis types a constant is tied to no input, so the
+    partitioner would replicate it; ``shard_alike`` ties it to the parameter. Concrete
+    arrays and explicit axis types carry their sharding already. Inside ``shard_map``
+    with manual axes each device holds its own block, so there is nothing to tie.
+    """
+    zeros = jnp.zeros_like(leaf, dtype=dtype)
+    if isinstance(leaf, jax.core.Tracer) and not jax.sharding.get_abstract_mesh().manual_axes:
+        zeros = shard_alike(leaf, zeros)[1]
+    return zeros
+
+
+def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
+    """``1 - decay**count`` in float32, accurate for decays close to 1.
+
+    A concrete ``decay`` is taken to log space in float64, so ``b3 = 0.9999`` is not
+    first rounded to float32 (which alone would move ``1 - b3`` by ~6e-4 relative).
+    """
+    value = _checks.concrete_value(decay)
+    if value is not None:
+        log_decay = jnp.float32(np.log(value)) if value > 0 else jnp.float32(-np.inf)
+    else:
+        log_decay = jnp.log(jnp.asarray(decay, jnp.float32))
+    return -jnp.expm1(count.astype(jnp.float32) * log_decay)
+
+
 def init_moments(
     leaf: Any, axes: tuple[int, int] | None
 ) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
-    """Zero ``(row, col, full)`` statistics for one leaf; unused entries are None."""
-    shape, dtype = jnp.shape(leaf), compute_dtype(jnp.result_type(leaf))
+    """Zero ``(row, col, full)`` statistics for one leaf; unused entries are None.
+
+    Row and column statistics are reductions of parameter-shaped zeros, so they are
+    sharded like the parameter with the reduced axis removed.
+    """
+    if axes is not None and not isinstance(leaf, jax.core.Tracer):
+        # Compiled, the parameter-shaped zeros are folded away instead of allocated.
+        return _init_moments_compiled(leaf, axes)
+    zeros = zeros_like_param(leaf, compute_dtype(jnp.result_type(leaf)))
     if axes is None:
-        return None, None, jnp.zeros(shape, dtype)
+        return None, None, zeros
     row_axis, col_axis = axes
-    row = jnp.zeros(shape[:col_axis] + shape[col_axis + 1 :], dtype)
-    col = jnp.zeros(shape[:row_axis] + shape[row_axis + 1 :], dtype)
-    return row, col, None
+    return jnp.sum(zeros, axis=col_axis), jnp.sum(zeros, axis=row_axis), None
+
+
+_init_moments_compiled = jax.jit(init_moments, static_argnums=1)
 
 
 def update_moments(
@@ -278,7 +316,7 @@ def scale_by_factored_rms(
         check_leaves(leaves, axes, state.v_row, state.v, "scale_by_factored_rms")
         _checks.check_float_leaves(leaves, "updates")
         count = optax.safe_increment(state.count)
-        correction = 1.0 - jnp.asarray(b2, jnp.float32) ** count if debias else None
+        correction = bias_correction(b2, count) if debias else None
         outs, rows, cols, fulls = [], [], [], []
         for g, row, col, full, a in zip(
             leaves, state.v_row, state.v_col, state.v, axes, strict=True

@@ -101,9 +101,7 @@ def _leaf_step(
     state = dict(state)
     s = np.square(g) + eps1
     if _factored(g.shape):
-        state["v_row"], state["v_col"] = _ema_factored(
-            state["v_row"], state["v_col"], s, b2
-        )
+        state["v_row"], state["v_col"] = _ema_factored(state["v_row"], state["v_col"], s, b2)
         v = _reconstruct(state["v_row"], state["v_col"])
     else:
         state["v"] = b2 * state["v"] + (1.0 - b2) * s
@@ -122,9 +120,7 @@ def _leaf_step(
 
     if _factored(g.shape):
         r = np.square(u - m) + eps2
-        state["r_row"], state["r_col"] = _ema_factored(
-            state["r_row"], state["r_col"], r, b3
-        )
+        state["r_row"], state["r_col"] = _ema_factored(state["r_row"], state["r_col"], r, b3)
         big_r = _reconstruct(state["r_row"], state["r_col"])
         if debias:
             big_r = big_r / (1.0 - b3**count)
@@ -219,9 +215,7 @@ def came_numpy(
     else:
         lrs = [float(x) for x in learning_rate]  # type: ignore[union-attr]
         if len(lrs) != steps:
-            raise ValueError(
-                f"learning_rate has {len(lrs)} entries for {steps} steps"
-            )
+            raise ValueError(f"learning_rate has {len(lrs)} entries for {steps} steps")
 
     current = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     state = init_state(current)
