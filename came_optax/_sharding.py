@@ -116,9 +116,10 @@ def state_shardings(
     Args:
       tx: an optax ``GradientTransformation`` (or any object with ``init``), or
         an init function.
-      params: the parameters, or their ``jax.ShapeDtypeStruct``\ s; only shapes
-        and dtypes are read unless ``shardings`` is None. May contain
-        ``nnx.Variable``\ s or ``nn.Partitioned`` boxes.
+      params: the parameters, or their ``jax.ShapeDtypeStruct``\ s, as they are
+        passed to ``tx.init`` (for a linen ``TrainState``, unboxed with
+        ``nn.meta.unbox``); only shapes and dtypes are read unless
+        ``shardings`` is None. May contain ``nnx.Variable``\ s.
       shardings: the parameters' shardings, a pytree with one leaf per leaf of
         ``params`` (in ``jax.tree.leaves`` order): ``jax.sharding.NamedSharding``\ s
         on one mesh, ``PartitionSpec``\ s (of mesh axes or of logical axis
@@ -206,8 +207,11 @@ def state_shardings(
         ],
     )
     try:
-        with jax.sharding.use_abstract_mesh(mesh):
-            abstract_state = jax.eval_shape(init, abstract_params)
+        # Leave any mesh the caller has set (an abstract mesh may only be swapped for one
+        # of the same size, or via the empty mesh) for the size-one mesh above.
+        with jax.sharding.use_abstract_mesh(AbstractMesh((), ())):
+            with jax.sharding.use_abstract_mesh(mesh):
+                abstract_state = jax.eval_shape(init, abstract_params)
     except Exception as e:
         raise ValueError(
             "state_shardings: could not propagate the parameters' shardings through "
