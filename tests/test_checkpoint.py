@@ -1,0 +1,199 @@
+"""Orbax checkpoints of CAME's state: resumed training equals uninterrupted training bit for bit.
+
+The restore target is built from ``jax.eval_shape(tx.init, params)``, as a fresh process
+resuming a run would build it: no live optimizer state is needed. The sharded variant runs
+``tests/_checkpoint_sharded_worker.py`` in two subprocesses on 8 simulated CPU devices, one
+saving and one resuming, so this process keeps its single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import came_optax
+
+ocp = pytest.importorskip("orbax.checkpoint")
+
+REPO = Path(__file__).resolve().parent.parent
+TOTAL_STEPS, SAVE_EVERY, CRASH_AFTER = 10, 3, 7  # the run dies after step 7 ...
+LAST_SAVED = CRASH_AFTER // SAVE_EVERY * SAVE_EVERY  # ... and resumes from step 6
+
+
+def _init_params() -> dict:
+    rng = np.random.default_rng(0)
+    params = {
+        "embed": jnp.asarray(rng.standard_normal((12, 8)) / 4, jnp.float32),
+        "dense": {
+            "kernel": jnp.asarray(rng.standard_normal((8, 6)) / 3, jnp.bfloat16),
+            "bias": jnp.zeros(6, jnp.float32),
+        },
+        "conv": jnp.asarray(rng.standard_normal((2, 3, 4)) / 2, jnp.float32),
+        "scale": jnp.ones((), jnp.float32),
+    }
+    # Committed like restored arrays, so that one compilation serves both runs.
+    return jax.device_put(params, jax.devices()[0])
+
+
+def _batch(step: int) -> tuple[jax.Array, jax.Array]:
+    rng = np.random.default_rng(100 + step)
+    x = jnp.asarray(rng.standard_normal((16, 12)), jnp.float32)
+    return x, jnp.asarray(np.sin(np.arange(16 * 6).reshape(16, 6) + step), jnp.float32)
+
+
+def _loss(params, x, y):
+    p = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    hidden = jnp.tanh(x @ p["embed"])
+    pred = p["scale"] * (hidden @ p["dense"]["kernel"] + p["dense"]["bias"])
+    return jnp.mean((pred - y) ** 2) + 1e-2 * jnp.mean(jnp.square(p["conv"]))
+
+
+def _decay_mask(params):
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+OPTIMIZERS = {
+    "came": lambda: came_optax.came(1e-2),
+    # A schedule, injected hyperparameters, bfloat16 momentum, bias correction, a mask and
+    # a non-finite guard: every kind of state a real run carries.
+    "wrapped": lambda: optax.apply_if_finite(
+        optax.inject_hyperparams(came_optax.came, static_args=("mask", "debias"))(
+            learning_rate=optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, TOTAL_STEPS),
+            weight_decay=0.1,
+            mask=_decay_mask,
+            mu_dtype="bfloat16",
+            debias=True,
+        ),
+        max_consecutive_errors=5,
+    ),
+}
+
+
+def _make_step(tx):
+    @jax.jit
+    def step(params, opt_state, x, y):
+        grads = jax.grad(_loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def _assert_bitwise_equal(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        x, y = np.asarray(x), np.asarray(y)
+        where = jax.tree_util.keystr(path)
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), where
+        assert x.tobytes() == y.tobytes(), f"{where} differs"
+
+
+def _abstract(tree):
+    device = jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_resume_from_the_latest_checkpoint_is_bit_for_bit(name, tmp_path):
+    tx = OPTIMIZERS[name]()
+    step = _make_step(tx)
+
+    params = _init_params()
+    opt_state = jax.device_put(tx.init(params), jax.devices()[0])
+    for t in range(TOTAL_STEPS):
+        params, opt_state = step(params, opt_state, *_batch(t))
+    uninterrupted = {"params": params, "opt_state": opt_state}
+
+    options = ocp.CheckpointManagerOptions(save_interval_steps=SAVE_EVERY, max_to_keep=2)
+    with ocp.CheckpointManager(tmp_path / "run", options=options) as manager:
+        params = _init_params()
+        opt_state = jax.device_put(tx.init(params), jax.devices()[0])
+        for t in range(CRASH_AFTER):
+            params, opt_state = step(params, opt_state, *_batch(t))
+            manager.save(
+                t + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state})
+            )
+            if t + 1 == LAST_SAVED:
+                saved = {"params": params, "opt_state": opt_state}
+    del params, opt_state
+
+    # A fresh process knows only the parameters' shapes and the optimizer.
+    target = _abstract(
+        {"params": _init_params(), "opt_state": jax.eval_shape(tx.init, _init_params())}
+    )
+    with ocp.CheckpointManager(tmp_path / "run", options=options) as manager:
+        start = manager.latest_step()
+        restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+    assert start == LAST_SAVED
+    _assert_bitwise_equal(restored, saved)
+
+    params, opt_state = restored["params"], restored["opt_state"]
+    for t in range(start, TOTAL_STEPS):
+        params, opt_state = step(params, opt_state, *_batch(t))
+    _assert_bitwise_equal({"params": params, "opt_state": opt_state}, uninterrupted)
+
+
+def test_restored_state_keeps_its_types_and_dtypes(tmp_path):
+    tx = OPTIMIZERS["wrapped"]()
+    params = _init_params()
+    opt_state = _make_step(tx)(params, tx.init(params), *_batch(0))[1]
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", opt_state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            tmp_path / "state", _abstract(jax.eval_shape(tx.init, params))
+        )
+    inner = restored.inner_state.inner_state
+    factored, confidence = inner[0], inner[2]
+    assert isinstance(factored, came_optax.FactoredRmsState)
+    assert isinstance(confidence, came_optax.ConfidenceState)
+    assert confidence.mu["embed"].dtype == jnp.bfloat16
+    assert factored.count.dtype == jnp.int32 and int(factored.count) == 1
+    assert [x is None for x in factored.v_row] == [
+        x is None for x in opt_state.inner_state.inner_state[0].v_row
+    ]
+    _assert_bitwise_equal(restored, opt_state)
+
+
+def _run_worker(mode: str, directory: Path) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    worker = REPO / "tests" / "_checkpoint_sharded_worker.py"
+    result = subprocess.run(
+        [sys.executable, str(worker), mode, str(directory)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"{mode} worker failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.multidevice
+@pytest.mark.slow
+def test_sharded_state_resumes_bit_for_bit_in_a_new_process(tmp_path):
+    saved = _run_worker("save", tmp_path)
+    resumed = _run_worker("resume", tmp_path)
+    assert saved["devices"] == resumed["devices"] == 8
+    # The state is genuinely sharded: the momentum and statistics are split over the mesh.
+    assert saved["sharded_state_leaves"] >= 4
+    assert resumed["restored_shardings_match"]
+    assert resumed["digests"] == saved["digests"]
