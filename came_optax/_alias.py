@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from came_optax import _checks, _factored
+from came_optax import _checks, _confidence, _factored, _fused
 from came_optax._confidence import scale_by_confidence
 from came_optax._factored import scale_by_factored_rms
 
@@ -87,9 +88,12 @@ def came(
   bfloat16 or float16 gradients, and updates come back in each parameter's
   dtype.
 
-  It is the chain :func:`scale_by_factored_rms`,
-  ``optax.clip_by_block_rms``, :func:`scale_by_confidence`,
-  ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``.
+  It has the state and the semantics of the chain
+  :func:`scale_by_factored_rms`, ``optax.clip_by_block_rms``,
+  :func:`scale_by_confidence`, ``optax.add_decayed_weights``,
+  ``optax.scale_by_learning_rate`` (and :func:`cast_to_param_dtype`); its
+  update computes the first three stages jointly so that no parameter-sized
+  temporary is kept (the results agree with the chain to float32 rounding).
 
   CAME's updates are not Adam-sized: early updates of matrices have an RMS of
   about 11 times the learning rate, so the best learning rate is usually
@@ -148,7 +152,7 @@ def came(
     _checks.check_range("weight_decay", weight_decay, 0.0)
     _check_mask(mask)
     factoring = dict(factored_dims=factored_dims, min_dim_size_to_factor=min_dim_size_to_factor)
-    return optax.chain(
+    stages = optax.chain(
         scale_by_factored_rms(b2, eps1, debias=debias, **factoring),
         optax.clip_by_block_rms(clip_threshold) if clip_threshold is not None else optax.identity(),
         scale_by_confidence(b1, b3, eps2, mu_dtype=mu_dtype, debias=debias, **factoring),
@@ -156,3 +160,33 @@ def came(
         optax.scale_by_learning_rate(learning_rate),
         cast_to_param_dtype(),
     )
+    # The update computes the first three stages jointly (see _fused); the state and
+    # the values are those of ``stages``.
+    hyperparams = dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold)
+    tail = (
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+        cast_to_param_dtype(),
+    )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        factored, clip_state, confidence, *tail_states = state
+        leaves, treedef = jax.tree.flatten(updates)
+        axes = [
+            _factored.factored_axes(jnp.shape(x), factored_dims, min_dim_size_to_factor)
+            for x in leaves
+        ]
+        _factored.check_leaves(leaves, axes, factored.v_row, factored.v, "came")
+        _checks.check_float_leaves(leaves, "updates")
+        _confidence.check_updates(treedef, leaves, axes, confidence)
+        updates, factored, confidence = _fused.precondition(
+            updates, factored, confidence, axes, hyperparams, debias
+        )
+        new_tail = []
+        for tx, tail_state in zip(tail, tail_states, strict=True):
+            updates, tail_state = tx.update(updates, tail_state, params)
+            new_tail.append(tail_state)
+        return updates, (factored, clip_state, confidence, *new_tail)
+
+    return optax.GradientTransformationExtraArgs(stages.init, update_fn)

@@ -37,6 +37,19 @@ class ConfidenceState(NamedTuple):
     r_col: tuple[jax.Array | None, ...]
 
 
+def check_updates(treedef, leaves: list, axes: list, state: ConfidenceState) -> None:
+    """Raises ValueError when updates do not match the tree the state was built for."""
+    mu_treedef = jax.tree.structure(state.mu)
+    if treedef != mu_treedef:
+        raise ValueError(
+            "scale_by_confidence: the updates' tree structure does not match the optimizer "
+            f"state's momentum.\n  updates: {treedef}\n  state:   {mu_treedef}\nPass updates "
+            "with the same tree structure as the parameters given to init."
+        )
+    mus = treedef.flatten_up_to(state.mu)
+    _factored.check_leaves(leaves, axes, state.r_row, mus, "scale_by_confidence")
+
+
 def scale_by_confidence(
     b1: float | jax.Array = 0.9,
     b3: float | jax.Array = 0.9999,
@@ -138,16 +151,8 @@ def scale_by_confidence(
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree.flatten(updates)
-        mu_treedef = jax.tree.structure(state.mu)
-        if treedef != mu_treedef:
-            raise ValueError(
-                "scale_by_confidence: the updates' tree structure does not match the optimizer "
-                f"state's momentum.\n  updates: {treedef}\n  state:   {mu_treedef}\nPass updates "
-                "with the same tree structure as the parameters given to init."
-            )
         axes = leaf_axes(leaves)
-        mus = treedef.flatten_up_to(state.mu)
-        _factored.check_leaves(leaves, axes, state.r_row, mus, "scale_by_confidence")
+        check_updates(treedef, leaves, axes, state)
         count = optax.safe_increment(state.count)
         if debias:
             mu_correction = _factored.bias_correction(b1, count)
@@ -155,6 +160,7 @@ def scale_by_confidence(
         else:
             mu_correction = r_correction = None
         outs, new_mus, rows, cols = [], [], [], []
+        mus = treedef.flatten_up_to(state.mu)
         for u, mu, row, col, a in zip(leaves, mus, state.r_row, state.r_col, axes, strict=True):
             cdt = _factored.compute_dtype(u.dtype)
             u = u.astype(cdt)

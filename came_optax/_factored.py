@@ -167,12 +167,58 @@ def update_moments(
     decay: jax.Array | float,
 ) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
     """One EMA step (``decay``) of the statistics of ``x``, factored or full."""
+    return ema_moments(moment_means(x, axes), row, col, full, axes, decay)
+
+
+def moment_means(x: jax.Array, axes: tuple[int, int] | None) -> tuple[jax.Array, ...]:
+    """``(row means, column means)`` of ``x`` for a factored leaf, else ``(x,)``."""
     if axes is None:
-        return None, None, decay * full + (1.0 - decay) * x
+        return (x,)
     row_axis, col_axis = axes
-    row = decay * row + (1.0 - decay) * jnp.mean(x, axis=col_axis)
-    col = decay * col + (1.0 - decay) * jnp.mean(x, axis=row_axis)
-    return row, col, None
+    return jnp.mean(x, axis=col_axis), jnp.mean(x, axis=row_axis)
+
+
+def ema_moments(
+    means: tuple[jax.Array, ...],
+    row: jax.Array | None,
+    col: jax.Array | None,
+    full: jax.Array | None,
+    axes: tuple[int, int] | None,
+    decay: jax.Array | float,
+) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
+    """Folds this step's ``means`` (from :func:`moment_means`) into the EMAs."""
+    if axes is None:
+        return None, None, decay * full + (1.0 - decay) * means[0]
+    return decay * row + (1.0 - decay) * means[0], decay * col + (1.0 - decay) * means[1], None
+
+
+# Largest entry a gradient is rescaled to when its square overflows (see guard_overflow).
+SAFE_MAX_EXPONENT = 50
+
+
+def guard_overflow(
+    g: jax.Array, means: tuple[jax.Array, ...], square_means
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Rescales a leaf whose squared gradient overflowed, by a power of two.
+
+    ``means`` are this step's means of ``g**2 + eps1``; ``square_means(scale)``
+    recomputes them for ``g * scale``. When they are all finite (always, unless
+    some ``|g|`` exceeds about 1.8e19) the scale is exactly 1 and nothing changes.
+    Otherwise ``g`` is scaled so its largest entry is ``2**50``: CAME's update is
+    invariant to the gradient's scale except through ``eps1`` and the EMA
+    history, so this keeps training finite where float32 arithmetic (and
+    came-pytorch) would produce NaN. Non-finite gradients are passed through.
+    """
+
+    def rescaled(_):
+        gmax = jnp.max(jnp.abs(g), initial=0)
+        ok = jnp.isfinite(gmax) & (gmax > 0)
+        exponent = jnp.ceil(jnp.log2(jnp.where(ok, gmax, 1.0))).astype(jnp.int32)
+        scale = jnp.where(ok, jnp.ldexp(jnp.ones((), g.dtype), SAFE_MAX_EXPONENT - exponent), 1)
+        return scale.astype(g.dtype), square_means(scale)
+
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in means]))
+    return jax.lax.cond(finite, lambda _: (jnp.ones((), g.dtype), means), rescaled, None)
 
 
 def rsqrt_factors(
@@ -322,8 +368,10 @@ def scale_by_factored_rms(
             leaves, state.v_row, state.v_col, state.v, axes, strict=True
         ):
             g = g.astype(compute_dtype(g.dtype))
-            row, col, full = update_moments(g * g + eps1, row, col, full, a, b2)
-            outs.append(scale_with(g, rsqrt_factors(row, col, full, a, correction)))
+            square_means = lambda scale, g=g, a=a: moment_means(jnp.square(g * scale) + eps1, a)
+            scale, means = guard_overflow(g, square_means(1), square_means)
+            row, col, full = ema_moments(means, row, col, full, a, b2)
+            outs.append(scale_with(g * scale, rsqrt_factors(row, col, full, a, correction)))
             rows.append(row)
             cols.append(col)
             fulls.append(full)

@@ -382,7 +382,28 @@ def test_stages_compose_into_came():
     )
     p_manual, _ = _run(manual, steps=4)
     p_came, _ = _run(came_optax.came(lr), steps=4)
-    chex.assert_trees_all_close(p_manual, p_came, rtol=1e-6)
+    # came() computes the same stages jointly: equal up to float32 rounding.
+    _assert_close_to_movement(p_manual, p_came, _params())
+
+
+@pytest.mark.parametrize("debias", [False, True])
+@pytest.mark.parametrize("mu_dtype", [None, jnp.bfloat16])
+def test_came_state_matches_the_chain_of_stages(debias, mu_dtype):
+    kw = dict(weight_decay=0.1, clip_threshold=0.5, debias=debias, mu_dtype=mu_dtype)
+    came = came_optax.came(1e-2, **kw)
+    stages = optax.chain(
+        came_optax.scale_by_factored_rms(debias=debias),
+        optax.clip_by_block_rms(0.5),
+        came_optax.scale_by_confidence(debias=debias, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(0.1),
+        optax.scale_by_learning_rate(1e-2),
+        came_optax.cast_to_param_dtype(),
+    )
+    p_came, s_came = _run(came, steps=5)
+    p_stages, s_stages = _run(stages, steps=5)
+    chex.assert_trees_all_equal_structs(s_came, s_stages)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s_came, s_stages)
+    _assert_close_to_movement(p_came, p_stages, _params(), tol=1e-4 if mu_dtype else 1e-5)
 
 
 def test_cast_to_param_dtype_without_params_is_identity():
