@@ -102,8 +102,9 @@ def came(
   Args:
     learning_rate: a float >= 0 or an optax schedule.
     b1: momentum decay, in [0, 1].
-    b2: decay of the second-moment EMAs, in [0, 1].
-    b3: decay of the instability EMAs, in [0, 1].
+    b2: decay of the second-moment EMAs, in [0, 1) (at 1 the estimate never
+      leaves zero).
+    b3: decay of the instability EMAs, in [0, 1).
     eps1: regulariser added to :math:`g^2`, >= 0.
     eps2: regulariser added to the instability, >= 0.
     clip_threshold: the RMS :math:`d` above which each leaf's update is

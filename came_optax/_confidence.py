@@ -94,7 +94,7 @@ def scale_by_confidence(
 
     Args:
       b1: momentum decay, in [0, 1]. May be scheduled or injected.
-      b3: decay of the instability EMAs, in [0, 1].
+      b3: decay of the instability EMAs, in [0, 1).
       eps2: added to the instability, >= 0.
       mu_dtype: dtype of the stored momentum (e.g. ``jnp.bfloat16`` to halve
         its memory). None keeps float32 (float64 for float64 leaves).
@@ -121,7 +121,7 @@ def scale_by_confidence(
       Optimization, ACL 2023 (arXiv:2307.02047).
     """
     _checks.check_range("b1", b1, 0.0, 1.0)
-    _checks.check_range("b3", b3, 0.0, 1.0)
+    _checks.check_range("b3", b3, 0.0, 1.0, high_inclusive=False)
     _checks.check_range("eps2", eps2, 0.0)
     _factored.check_factoring_args(factored_dims, min_dim_size_to_factor)
     mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype)

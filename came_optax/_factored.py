@@ -315,7 +315,7 @@ def scale_by_factored_rms(
     its second moment.
 
     Args:
-      b2: decay of the second-moment EMAs, in [0, 1]. May be scheduled or
+      b2: decay of the second-moment EMAs, in [0, 1). May be scheduled or
         injected.
       eps1: added to :math:`g^2` before averaging, >= 0.
       debias: divide the estimate by :math:`1-\beta_2^t`. Off in the reference.
@@ -341,7 +341,7 @@ def scale_by_factored_rms(
       Optimization, ACL 2023 (arXiv:2307.02047); Shazeer & Stern, Adafactor,
       ICML 2018 (arXiv:1804.04235).
     """
-    _checks.check_range("b2", b2, 0.0, 1.0)
+    _checks.check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
     _checks.check_range("eps1", eps1, 0.0)
     check_factoring_args(factored_dims, min_dim_size_to_factor)
 

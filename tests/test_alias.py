@@ -277,6 +277,8 @@ def test_partition_and_masked_compose():
         (dict(b1=-0.1), "b1"),
         (dict(b2=1.01), "b2"),
         (dict(b3=-1.0), "b3"),
+        (dict(b2=1.0), "b2"),  # the estimate would stay zero: NaN updates
+        (dict(b3=1.0), "b3"),
         (dict(b3=float("nan")), "b3"),
         (dict(eps1=-1e-30), "eps1"),
         (dict(eps2=-1.0), "eps2"),
@@ -299,7 +301,7 @@ def test_invalid_hyperparameters_raise_naming_the_argument(kwargs, name):
 
 
 def test_valid_edge_hyperparameters_are_accepted():
-    came_optax.came(0.0, b1=0.0, b2=1.0, b3=0.0, eps1=0.0, eps2=0.0, clip_threshold=None)
+    came_optax.came(0.0, b1=1.0, b2=0.0, b3=0.0, eps1=0.0, eps2=0.0, clip_threshold=None)
     came_optax.came(optax.constant_schedule(1e-3), min_dim_size_to_factor=128)
 
 
