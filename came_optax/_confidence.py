@@ -170,7 +170,9 @@ def scale_by_confidence(
                 out = m_hat
             else:
                 r = jnp.square(u - m) + eps2
-                row, col, _ = _factored.update_moments(r, row, col, None, a, b3)
+                row, col, _ = _factored.ema_moments(
+                    _factored.moment_means(r, a), row, col, None, a, b3
+                )
                 out = _factored.scale_with(
                     m_hat, _factored.rsqrt_factors(row, col, None, a, r_correction)
                 )

@@ -158,18 +158,6 @@ def init_moments(
 _init_moments_compiled = jax.jit(init_moments, static_argnums=1)
 
 
-def update_moments(
-    x: jax.Array,
-    row: jax.Array | None,
-    col: jax.Array | None,
-    full: jax.Array | None,
-    axes: tuple[int, int] | None,
-    decay: jax.Array | float,
-) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
-    """One EMA step (``decay``) of the statistics of ``x``, factored or full."""
-    return ema_moments(moment_means(x, axes), row, col, full, axes, decay)
-
-
 def moment_means(x: jax.Array, axes: tuple[int, int] | None) -> tuple[jax.Array, ...]:
     """``(row means, column means)`` of ``x`` for a factored leaf, else ``(x,)``."""
     if axes is None:

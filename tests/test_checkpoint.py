@@ -9,9 +9,6 @@ saving and one resuming, so this process keeps its single device.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -19,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from subprocesses import REPO, run_python
 
 import came_optax
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
-REPO = Path(__file__).resolve().parent.parent
 TOTAL_STEPS, SAVE_EVERY, CRASH_AFTER = 10, 3, 7  # the run dies after step 7 ...
 LAST_SAVED = CRASH_AFTER // SAVE_EVERY * SAVE_EVERY  # ... and resumes from step 6
 
@@ -168,21 +165,8 @@ def test_restored_state_keeps_its_types_and_dtypes(tmp_path):
 
 
 def _run_worker(mode: str, directory: Path) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     worker = REPO / "tests" / "_checkpoint_sharded_worker.py"
-    result = subprocess.run(
-        [sys.executable, str(worker), mode, str(directory)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_python([str(worker), mode, str(directory)], devices=8, timeout=300)
     assert result.returncode == 0, f"{mode} worker failed:\n{result.stdout}\n{result.stderr}"
     return json.loads(result.stdout.strip().splitlines()[-1])
 

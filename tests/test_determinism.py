@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from subprocesses import run_python
 
 import came_optax
-
-REPO = Path(__file__).resolve().parent.parent
 
 CONFIGS = {
     "default": dict(learning_rate=1e-2),
@@ -114,17 +109,7 @@ def test_repeated_eager_updates_are_bitwise_identical():
 
 @pytest.mark.slow
 def test_a_fresh_process_reproduces_every_bit():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     code = "from tests.test_determinism import digest_of_run; print(digest_of_run('everything'))"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_python(["-c", code], timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [digest_of_run("everything")]

@@ -8,11 +8,6 @@ and linen ``TrainState``) live in ``tests/_multidevice_sharding.py``, which
 ``--xla_force_host_platform_device_count=8`` so that this process keeps one device.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import hypothesis
 import jax
 import jax.numpy as jnp
@@ -22,11 +17,10 @@ import pytest
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
+from subprocesses import REPO, run_python
 
 import came_optax
 from came_optax import state_shardings
-
-REPO = Path(__file__).resolve().parents[1]
 
 PARAMS = {
     "w": jnp.zeros((8, 4)),
@@ -242,26 +236,13 @@ def test_two_meshes_and_non_transformations_are_errors():
 
 @pytest.mark.multidevice
 def test_eight_device_checks_in_a_subprocess():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(
-        [
-            env.get("XLA_FLAGS", ""),
-            "--xla_force_host_platform_device_count=8",
-            # Faster CPU compiles; both sides of every comparison use the same flags.
-            "--xla_backend_optimization_level=0",
-        ]
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     module = REPO / "tests" / "_multidevice_sharding.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_python(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
+        devices=8,
+        # Faster CPU compiles; both sides of every comparison use the same flags.
+        xla_flags=["--xla_backend_optimization_level=0"],
         timeout=540,
-        check=False,
     )
     assert result.returncode == 0, f"8-device checks failed:\n{result.stdout}\n{result.stderr}"
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout
