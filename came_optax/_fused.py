@@ -54,10 +54,17 @@ def _factored_leaf(g, mu, row, col, r_row, r_col, axes, hp, corrections):
         return jnp.expand_dims(x, row_axis)
 
     def square_means(scale):
-        g_row, g_col, s = g, _private(g), scale
+        if isinstance(scale, int):
+            g_row, g_col = g, _private(g)
+        else:
+            # A scale vector, not a scalar: XLA:CPU would broadcast a scalar to a
+            # parameter-sized buffer to fuse it into the reductions.
+            along_cols = [g.shape[col_axis] if i == col_axis else 1 for i in range(g.ndim)]
+            s = _private(jnp.full(along_cols, scale, g.dtype))
+            g_row, g_col = g * s, _private(g) * _private(s)
         return (
-            _mean(jnp.square(g_row * s), col_axis) + hp["eps1"],
-            _mean(jnp.square(g_col * s), row_axis) + hp["eps1"],
+            _mean(jnp.square(g_row), col_axis) + hp["eps1"],
+            _mean(jnp.square(g_col), row_axis) + hp["eps1"],
         )
 
     scale, means = _factored.guard_overflow(g, square_means(1), square_means)
