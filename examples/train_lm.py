@@ -1,0 +1,362 @@
+"""A byte-level GPT on CPython's own documentation: CAME, AdamW and Adafactor side by side.
+
+The text is ``pydoc_data.topics`` (the help pages behind ``help('for')``), which ships
+with every CPython, so nothing is downloaded. CAME (the reference form and
+``debias=True``), ``optax.adamw`` and ``optax.adafactor`` each train the same model
+from the same initialisation with a warm-up + cosine schedule peaking at the learning
+rate tuned for it. The script prints a table of final train/valid loss (nats per byte),
+optimizer-state bytes and step time, and writes a loss-curve PNG.
+
+The defaults take a few minutes on two CPU cores::
+
+  python examples/train_lm.py
+
+Flags scale it up on a GPU or TPU (the tuned learning rates are for the default size;
+sweep them again at another), for example::
+
+  python examples/train_lm.py --steps 5000 --batch-size 64 --seq-len 256 \\
+      --d-model 256 --layers 6 --heads 8 --lr-adamw 3e-3,1e-2 --lr-came-debias 2e-3,5e-3
+
+Every ``--lr-*`` flag takes a comma-separated list and ``--seeds`` a list of seeds:
+the script then trains every (optimizer, learning rate, seed) and reports the mean
+over seeds. ``examples/convergence_study.py`` uses this for its learning-rate sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+import came_optax
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# --------------------------------------------------------------------------- config
+
+# Peak learning rates, each the best of a sweep at the default size
+# (examples/convergence_study.py; 1000 steps, 2 seeds).
+TUNED_LR = {"came": 1e-3, "came-debias": 5e-3, "adamw": 1e-2, "adafactor": 5e-2}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Reads the command line; every default is the configuration reported in the README."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--optimizers", default="came,came-debias,adamw,adafactor", help="comma-separated"
+    )
+    for name, lr in TUNED_LR.items():
+        p.add_argument(f"--lr-{name}", default=str(lr), help="peak lr, or a comma list")
+    p.add_argument("--seeds", default="0", help="comma-separated")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--log-every", type=int, default=50, help="steps per jitted call")
+    p.add_argument("--eval-every", type=int, default=250, help="a multiple of --log-every")
+    p.add_argument("--out", default="runs/train_lm", help="directory for the PNG and JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_text() -> tuple[np.ndarray, np.ndarray]:
+    """CPython's help topics as UTF-8 bytes: the first 90% to train on, the rest to validate.
+
+    The topics are joined in sorted order, so the split is the same on every run (the
+    text itself differs a little between Python versions).
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    split = int(0.9 * len(data))
+    return data[:split], data[split:]
+
+
+def windows(data: np.ndarray, seq_len: int, count: int | None = None) -> jax.Array:
+    """Consecutive non-overlapping windows of ``seq_len + 1`` bytes (input plus target)."""
+    n = (len(data) - 1) // seq_len
+    if count is not None:
+        n = min(n, count)
+    starts = np.arange(n) * seq_len
+    return jnp.asarray(data[starts[:, None] + np.arange(seq_len + 1)])
+
+
+def sample_batch(data: jax.Array, key: jax.Array, batch_size: int, seq_len: int) -> jax.Array:
+    """Windows of ``seq_len + 1`` bytes at random offsets, drawn on the device."""
+    starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - seq_len - 1)
+    return data[starts[:, None] + jnp.arange(seq_len + 1)]
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class Block(nnx.Module):
+    """A pre-norm transformer block: causal self-attention, then a GELU MLP."""
+
+    def __init__(self, d_model: int, heads: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.attn_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs)
+        self.attn_out = nnx.Linear(d_model, d_model, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.mlp_in = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
+        self.mlp_out = nnx.Linear(4 * d_model, d_model, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        qkv = self.qkv(self.attn_norm(x)).reshape(b, t, 3 * self.heads, d // self.heads)
+        q, k, v = jnp.split(qkv, 3, axis=2)
+        attn = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_out(attn.reshape(b, t, d))
+        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+
+
+class GPT(nnx.Module):
+    """Byte embeddings plus learned positions, ``layers`` blocks, and a 256-way readout."""
+
+    def __init__(self, d_model: int, layers: int, heads: int, seq_len: int, *, rngs: nnx.Rngs):
+        self.token_embed = nnx.Embed(256, d_model, rngs=rngs)
+        self.pos_embed = nnx.Embed(seq_len, d_model, rngs=rngs)
+        self.blocks = nnx.List([Block(d_model, heads, rngs=rngs) for _ in range(layers)])
+        self.norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.readout = nnx.Linear(d_model, 256, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = self.token_embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(self.norm(x))
+
+
+def make_optimizer(name: str, lr: float, args: argparse.Namespace) -> optax.GradientTransformation:
+    """The optimizer ``name`` with a linear warm-up to ``lr`` and a cosine decay to ``lr / 10``.
+
+    AdamW and CAME decay the weights of matrices and embeddings (not biases or norms);
+    ``optax.adafactor`` keeps its defaults except that it factors any matrix, as CAME
+    does, instead of only those with both sides >= 128.
+    """
+    warmup_steps = max(1, int(args.warmup * args.steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps, args.steps, end_value=lr / 10
+    )
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+    if name in ("came", "came-debias"):
+        return came_optax.came(
+            schedule, weight_decay=args.weight_decay, mask=decay_mask, debias=name == "came-debias"
+        )
+    if name == "adamw":
+        return optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
+    if name == "adafactor":
+        return optax.adafactor(schedule, min_dim_size_to_factor=1)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(TUNED_LR)}")
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def loss_fn(model: GPT, tokens: jax.Array) -> jax.Array:
+    """Mean next-byte cross-entropy in nats."""
+    logits = model(tokens[:, :-1].astype(jnp.int32))
+    targets = tokens[:, 1:].astype(jnp.int32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+@nnx.jit(static_argnames=("batch_size", "seq_len"))
+def train_steps(
+    model: GPT,
+    optimizer: nnx.Optimizer,
+    data: jax.Array,
+    keys: jax.Array,
+    batch_size: int,
+    seq_len: int,
+) -> jax.Array:
+    """One update per key, each on a freshly sampled batch; returns the batch losses.
+
+    The steps run in a ``jax.lax.scan``, so Python dispatches once per call, not once
+    per step: with a model this small, dispatch is a sizeable share of a step.
+    """
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state, key):
+        model, optimizer = nnx.merge(graphdef, state)
+        batch = sample_batch(data, key, batch_size, seq_len)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    state, losses = jax.lax.scan(step, state, keys)
+    nnx.update((model, optimizer), state)
+    return losses
+
+
+eval_loss = nnx.jit(loss_fn)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train(name: str, lr: float, seed: int, args: argparse.Namespace, text: tuple) -> dict:
+    """Trains one model with one optimizer; returns its curves and final numbers."""
+    train_data, train_eval, valid_eval = text
+    model = GPT(args.d_model, args.layers, args.heads, args.seq_len, rngs=nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, make_optimizer(name, lr, args), wrt=nnx.Param)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(optimizer.opt_state))
+    key = jax.random.key(seed)
+
+    losses, valid_curve = [], []
+    bar = tqdm(total=args.steps, desc=f"{name} lr={lr:g} seed={seed}", disable=args.no_progress)
+    for first in range(0, args.steps, args.log_every):
+        steps = np.arange(first, min(first + args.log_every, args.steps))
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, steps)
+        losses.append(
+            train_steps(model, optimizer, train_data, keys, args.batch_size, args.seq_len)
+        )
+        losses[-1].block_until_ready()
+        if first == 0:  # the first call compiles: time the steps after it
+            start, eval_time = time.perf_counter(), 0.0
+        if (steps[-1] + 1) % args.eval_every == 0 or steps[-1] + 1 == args.steps:
+            eval_start = time.perf_counter()
+            valid_curve.append((int(steps[-1]) + 1, float(eval_loss(model, valid_eval))))
+            eval_time += time.perf_counter() - eval_start
+            bar.set_postfix(valid=f"{valid_curve[-1][1]:.3f}")
+        bar.update(len(steps))
+    bar.close()
+    train_time = time.perf_counter() - start - eval_time
+    timed_steps = args.steps - min(args.log_every, args.steps)
+    losses = np.concatenate(jax.device_get(losses))
+    return dict(
+        optimizer=name,
+        lr=lr,
+        seed=seed,
+        train_losses=losses.tolist(),
+        valid_curve=valid_curve,
+        train_loss=float(eval_loss(model, train_eval)),
+        valid_loss=valid_curve[-1][1],
+        state_bytes=int(state_bytes),
+        step_ms=1000 * train_time / max(timed_steps, 1),
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (optimizer, lr): means and spreads over seeds, in run order."""
+    rows = {}
+    for run in runs:
+        rows.setdefault((run["optimizer"], run["lr"]), []).append(run)
+    table = []
+    for (name, lr), group in rows.items():
+        valid = np.array([r["valid_loss"] for r in group])
+        table.append(
+            dict(
+                optimizer=name,
+                lr=lr,
+                seeds=len(group),
+                train_loss=float(np.mean([r["train_loss"] for r in group])),
+                valid_loss=float(valid.mean()),
+                valid_std=float(valid.std()),
+                state_bytes=group[0]["state_bytes"],
+                step_ms=float(np.median([r["step_ms"] for r in group])),
+            )
+        )
+    return table
+
+
+def print_table(table: list[dict]) -> None:
+    """A markdown table; with several seeds, valid loss is mean ± std."""
+    print("| optimizer | peak lr | train loss | valid loss | state bytes | step ms |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        spread = f" ± {r['valid_std']:.3f}" if r["seeds"] > 1 else ""
+        print(
+            f"| {r['optimizer']} | {r['lr']:g} | {r['train_loss']:.3f} | "
+            f"{r['valid_loss']:.3f}{spread} | {r['state_bytes']:,} | {r['step_ms']:.1f} |"
+        )
+
+
+def plot(runs: list[dict], path: pathlib.Path) -> None:
+    """Smoothed batch loss (thin) and validation loss (markers) against step.
+
+    One colour per optimizer, darker for higher learning rates.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["optimizer"], {}).setdefault(run["lr"], []).append(run)
+    for i, (name, by_lr) in enumerate(groups.items()):
+        for k, (lr, group) in enumerate(sorted(by_lr.items())):
+            style = dict(color=f"C{i % 10}", alpha=(k + 1) / len(by_lr))
+            batch = np.mean([r["train_losses"] for r in group], axis=0)
+            width = max(1, len(batch) // 50)
+            smooth = np.convolve(batch, np.ones(width) / width, mode="valid")
+            ax.plot(np.arange(width, len(batch) + 1), smooth, lw=0.8, **style)
+            steps = [s for s, _ in group[0]["valid_curve"]]
+            valid = np.mean([[v for _, v in r["valid_curve"]] for r in group], axis=0)
+            ax.plot(steps, valid, "o-", label=f"{name} lr={lr:g}", **style)
+    finals = [r["valid_loss"] for r in runs if np.isfinite(r["valid_loss"])]
+    if finals:
+        ax.set_ylim(min(finals) - 0.2, min(finals) + 1.5)
+    ax.set(xlabel="step", ylabel="loss (nats/byte)", title="byte-level GPT on pydoc topics")
+    ax.grid(alpha=0.3)
+    ax.legend(title="valid (markers), train batch (thin)", fontsize=7, ncol=1 + len(runs) // 8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Trains every requested (optimizer, lr, seed), then prints the table and writes the PNG."""
+    args = parse_args(argv)
+    train_bytes, valid_bytes = load_text()
+    valid_eval = windows(valid_bytes, args.seq_len)
+    train_eval = windows(train_bytes, args.seq_len, len(valid_eval))
+    text = (jnp.asarray(train_bytes), train_eval, valid_eval)
+    device = jax.devices()[0].device_kind
+    print(
+        f"jax {jax.__version__} on {device}; "
+        f"{len(train_bytes):,} train / {len(valid_bytes):,} valid bytes"
+    )
+
+    runs = []
+    for name in args.optimizers.split(","):
+        lrs = getattr(args, "lr_" + name.replace("-", "_"), None)
+        if lrs is None:
+            raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(TUNED_LR)}")
+        for lr in [float(x) for x in lrs.split(",")]:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                runs.append(train(name, lr, seed, args, text))
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = summarise(runs)
+    print_table(table)
+    plot(runs, out / "train_lm.png")
+    report = dict(device=device, args=vars(args), table=table, runs=runs)
+    (out / "train_lm.json").write_text(json.dumps(report))
+    print(f"wrote {out / 'train_lm.png'} and {out / 'train_lm.json'}")
+
+
+if __name__ == "__main__":
+    main()

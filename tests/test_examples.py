@@ -1,0 +1,91 @@
+"""Smoke tests of ``examples/``: each script runs end to end with tiny flags in a subprocess.
+
+They check that a script exits cleanly, prints its markdown table and writes its PNG
+and JSON; the numbers themselves are what the README reports from full-size runs. The
+language-model tests compile one training loop per run and take 20-35 s on two CPU
+cores, so they are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+for module in ("flax", "matplotlib", "sklearn", "tqdm"):
+    pytest.importorskip(module)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_example(script: str, out: pathlib.Path, *flags: str) -> str:
+    """Runs ``examples/<script>`` with ``flags``, writing into ``out``; returns its stdout."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *flags, f"--out={out}", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=path),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_train_lm_prints_table_and_writes_plot(tmp_path):
+    stdout = run_example(
+        "train_lm.py", tmp_path, "--steps=4", "--log-every=2", "--eval-every=2",
+        "--batch-size=2", "--seq-len=16", "--d-model=16", "--layers=1", "--heads=2",
+    )  # fmt: skip
+    assert "| optimizer | peak lr | train loss | valid loss | state bytes | step ms |" in stdout
+    for name in ("came", "came-debias", "adamw", "adafactor"):
+        assert f"| {name} |" in stdout
+    assert (tmp_path / "train_lm.png").stat().st_size > 0
+    report = json.loads((tmp_path / "train_lm.json").read_text())
+    names = [r["optimizer"] for r in report["table"]]
+    assert names == ["came", "came-debias", "adamw", "adafactor"]
+    assert all(len(r["train_losses"]) == 4 for r in report["runs"])
+    assert [step for step, _ in report["runs"][0]["valid_curve"]] == [2, 4]
+
+
+@pytest.mark.slow
+def test_train_lm_sweeps_lrs_and_seeds(tmp_path):
+    stdout = run_example(
+        "train_lm.py", tmp_path, "--optimizers=came-debias", "--lr-came-debias=1e-3,3e-3",
+        "--seeds=0,1", "--steps=2", "--log-every=2", "--eval-every=2", "--batch-size=2",
+        "--seq-len=8", "--d-model=8", "--layers=1", "--heads=1",
+    )  # fmt: skip
+    assert "| came-debias | 0.001 |" in stdout and "| came-debias | 0.003 |" in stdout
+    report = json.loads((tmp_path / "train_lm.json").read_text())
+    assert [(r["lr"], r["seed"]) for r in report["runs"]] == [
+        (1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1),
+    ]  # fmt: skip
+    assert all(r["seeds"] == 2 for r in report["table"])
+
+
+def test_train_cnn_prints_table_and_writes_plot(tmp_path):
+    stdout = run_example("train_cnn.py", tmp_path, "--steps=4", "--eval-every=2", "--channels=4")
+    assert "| optimizer | peak lr | train loss | test loss | test acc. |" in stdout
+    for name in ("came", "came-debias", "adamw"):
+        assert f"| {name} |" in stdout
+    assert (tmp_path / "train_cnn.png").stat().st_size > 0
+    report = json.loads((tmp_path / "train_cnn.json").read_text())
+    assert [step for step, *_ in report["runs"][0]["curve"]] == [2, 4]
+
+
+def test_convergence_study_prints_tables_and_writes_plot(tmp_path):
+    stdout = run_example(
+        "convergence_study.py", tmp_path, "--tasks=cnn", "--optimizers=adamw", "--seeds=0",
+        "--steps=2",
+    )  # fmt: skip
+    assert "| optimizer | best lr | final loss, mean ± std |" in stdout
+    assert "| adamw |" in stdout
+    assert "The whole study took" in stdout
+    assert (tmp_path / "convergence_study.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "convergence_study.json").read_text())
+    assert summary["results"]["cnn"][0]["optimizer"] == "adamw"
