@@ -9,6 +9,7 @@ import optax
 import pytest
 from golden_data import CASES, RTOL_OF_MOVEMENT, load_case, relative_deviation
 from reference_numpy import came_numpy
+from reference_torch import run_came_pytorch
 
 import came_optax
 
@@ -78,50 +79,20 @@ def test_matches_float64_numpy_transcription(hparams, debias):
         assert relative_deviation(init[leaf], want, history[leaf]) <= 1e-5, leaf
 
 
-def _live_reference(init, grads, lr, steps, dtype="float32", **torch_kwargs):
-    torch = pytest.importorskip("torch")
-    came_pytorch = pytest.importorskip("came_pytorch")
-    torch.set_num_threads(1)
-    tdtype = getattr(torch, dtype)
-    params = {
-        k: torch.nn.Parameter(torch.tensor(np.asarray(v, np.float32)).to(tdtype))
-        for k, v in init.items()
-    }
-    opt = came_pytorch.CAME(list(params.values()), lr=lr, **torch_kwargs)
-    history = {k: [] for k in init}
-    for t in range(steps):
-        for k, p in params.items():
-            p.grad = torch.tensor(np.asarray(grads[k][t], np.float32)).to(tdtype)
-        opt.step()
-        for k, p in params.items():
-            history[k].append(p.detach().float().numpy().copy())
-    return {k: np.stack(v) for k, v in history.items()}
-
-
 @pytest.mark.parametrize(
-    "kwargs, torch_kwargs",
+    "hparams",
     [
-        ({}, {}),
-        ({"weight_decay": 0.1}, {"weight_decay": 0.1}),
-        (
-            {
-                "b1": 0.8,
-                "b2": 0.99,
-                "b3": 0.999,
-                "eps1": 1e-20,
-                "eps2": 1e-12,
-                "clip_threshold": 0.5,
-            },
-            {"betas": (0.8, 0.99, 0.999), "eps": (1e-20, 1e-12), "clip_threshold": 0.5},
-        ),
+        {},
+        {"weight_decay": 0.1},
+        {"b1": 0.8, "b2": 0.99, "b3": 0.999, "eps1": 1e-20, "eps2": 1e-12, "clip_threshold": 0.5},
     ],
 )
-def test_matches_installed_came_pytorch(kwargs, torch_kwargs):
+def test_matches_installed_came_pytorch(hparams):
     steps, lr = 30, 1e-2
     shapes = {**SHAPES, "k": (2, 3, 4, 5)}
     init, grads = _random_problem(2, shapes, steps)
-    expected = _live_reference(init, grads, lr, steps, **torch_kwargs)
-    history = _trajectory(came_optax.came(lr, **kwargs), init, grads, steps)
+    expected = run_came_pytorch(init, grads, lr, **hparams)
+    history = _trajectory(came_optax.came(lr, **hparams), init, grads, steps)
     for leaf in shapes:
         assert relative_deviation(init[leaf], expected[leaf], history[leaf]) <= 1e-5, leaf
 
@@ -137,7 +108,7 @@ def test_bf16_params_follow_the_reference_closely():
     init, grads = _random_problem(3, shapes, steps)
     init16 = {k: v.astype(jnp.bfloat16) for k, v in init.items()}
     grads16 = {k: g.astype(jnp.bfloat16) for k, g in grads.items()}
-    expected = _live_reference(init16, grads16, lr, steps, dtype="bfloat16")
+    expected = run_came_pytorch(init16, grads16, lr, dtype="bfloat16")
     history = _trajectory(came_optax.came(lr), init16, grads16, steps)
     for leaf in shapes:
         got = np.asarray(history[leaf], np.float32)
