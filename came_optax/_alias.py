@@ -34,7 +34,7 @@ def cast_to_param_dtype() -> optax.GradientTransformation:
             return updates, state
         return optax.tree.cast_like(updates, params), state
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def _check_mask(mask: MaskOrFn) -> None:
@@ -90,8 +90,8 @@ def came(
 
   It has the state and the semantics of the chain
   :func:`scale_by_factored_rms`, ``optax.clip_by_block_rms``,
-  :func:`scale_by_confidence`, ``optax.add_decayed_weights``,
-  ``optax.scale_by_learning_rate`` (and :func:`cast_to_param_dtype`); its
+  :func:`scale_by_confidence` and a chain of ``optax.add_decayed_weights``,
+  ``optax.scale_by_learning_rate`` and :func:`cast_to_param_dtype`; its
   update computes the first three stages jointly so that no parameter-sized
   temporary is kept (the results agree with the chain to float32 rounding).
 
@@ -153,26 +153,23 @@ def came(
     _checks.check_range("weight_decay", weight_decay, 0.0)
     _check_mask(mask)
     factoring = dict(factored_dims=factored_dims, min_dim_size_to_factor=min_dim_size_to_factor)
+    tail = optax.chain(
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+        cast_to_param_dtype(),
+    )
     stages = optax.chain(
         scale_by_factored_rms(b2, eps1, debias=debias, **factoring),
         optax.clip_by_block_rms(clip_threshold) if clip_threshold is not None else optax.identity(),
         scale_by_confidence(b1, b3, eps2, mu_dtype=mu_dtype, debias=debias, **factoring),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-        cast_to_param_dtype(),
+        tail,
     )
     # The update computes the first three stages jointly (see _fused); the state and
     # the values are those of ``stages``.
     hyperparams = dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold)
-    tail = (
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-        cast_to_param_dtype(),
-    )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        factored, clip_state, confidence, *tail_states = state
+        factored, clip_state, confidence, tail_state = state
         leaves, treedef = jax.tree.flatten(updates)
         axes = [
             _factored.factored_axes(jnp.shape(x), factored_dims, min_dim_size_to_factor)
@@ -184,10 +181,7 @@ def came(
         updates, factored, confidence = _fused.precondition(
             updates, factored, confidence, axes, hyperparams, debias
         )
-        new_tail = []
-        for tx, tail_state in zip(tail, tail_states, strict=True):
-            updates, tail_state = tx.update(updates, tail_state, params)
-            new_tail.append(tail_state)
-        return updates, (factored, clip_state, confidence, *new_tail)
+        updates, tail_state = tail.update(updates, tail_state, params, **extra_args)
+        return updates, (factored, clip_state, confidence, tail_state)
 
     return optax.GradientTransformationExtraArgs(stages.init, update_fn)

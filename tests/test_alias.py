@@ -397,9 +397,11 @@ def test_came_state_matches_the_chain_of_stages(debias, mu_dtype):
         came_optax.scale_by_factored_rms(debias=debias),
         optax.clip_by_block_rms(0.5),
         came_optax.scale_by_confidence(debias=debias, mu_dtype=mu_dtype),
-        optax.add_decayed_weights(0.1),
-        optax.scale_by_learning_rate(1e-2),
-        came_optax.cast_to_param_dtype(),
+        optax.chain(
+            optax.add_decayed_weights(0.1),
+            optax.scale_by_learning_rate(1e-2),
+            came_optax.cast_to_param_dtype(),
+        ),
     )
     p_came, s_came = _run(came, steps=5)
     p_stages, s_stages = _run(stages, steps=5)
