@@ -99,6 +99,11 @@ def came(
   about 11 times the learning rate, so the best learning rate is usually
   several times below AdamW's (``debias=True`` removes most of that gap).
 
+  Like came-pytorch, a NaN or Inf gradient enters the statistics for good;
+  wrap the optimizer in ``optax.apply_if_finite`` to skip such steps. Finite
+  gradients too large to square in float32 are rescaled (see
+  :func:`scale_by_factored_rms`) instead of turning into NaN.
+
   Args:
     learning_rate: a float >= 0 or an optax schedule.
     b1: momentum decay, in [0, 1].

@@ -302,6 +302,11 @@ def scale_by_factored_rms(
     :math:`V_t` is replaced by :math:`V_t / (1 - \beta_2^t)`, as Adam corrects
     its second moment.
 
+    A leaf whose :math:`g^2` overflows float32 (some :math:`|g|` above about
+    1.8e19) is first multiplied by a power of two that brings its largest entry
+    to :math:`2^{50}`, where came-pytorch would produce NaN; below that nothing
+    changes.
+
     Args:
       b2: decay of the second-moment EMAs, in [0, 1). May be scheduled or
         injected.
