@@ -225,12 +225,21 @@ def rsqrt_factors(
     if axes is None:
         return (jax.lax.rsqrt(full if correction is None else full / correction),)
     row_axis, col_axis = axes
-    normalised = row / jnp.mean(row, axis=row_axis, keepdims=True)
+    r_vector, c_vector = rsqrt_vectors(row, col, axes, correction)
+    return jnp.expand_dims(r_vector, col_axis), jnp.expand_dims(c_vector, row_axis)
+
+
+def rsqrt_vectors(
+    row: jax.Array,
+    col: jax.Array,
+    axes: tuple[int, int],
+    correction: jax.Array | float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The row and column factors of :func:`rsqrt_factors`, before broadcasting."""
+    normalised = row / jnp.mean(row, axis=axes[0], keepdims=True)
     if correction is not None:
         normalised = normalised / correction
-    r_factor = jnp.expand_dims(jax.lax.rsqrt(normalised), col_axis)
-    c_factor = jnp.expand_dims(jax.lax.rsqrt(col), row_axis)
-    return r_factor, c_factor
+    return jax.lax.rsqrt(normalised), jax.lax.rsqrt(col)
 
 
 def scale_with(x: jax.Array, factors: tuple[jax.Array, ...]) -> jax.Array:

@@ -69,12 +69,9 @@ def _factored_leaf(g, mu, row, col, r_row, r_col, axes, hp, corrections):
 
     scale, means = _factored.guard_overflow(g, square_means(1), square_means)
     row, col, _ = _factored.ema_moments(means, row, col, None, axes, hp["b2"])
-    normalised = row / jnp.mean(row, axis=row_axis, keepdims=True)
-    if c2 is not None:
-        normalised = normalised / c2
     # u = rows_(r) * cols_(c) * g, with scalars folded into the row vector r.
-    r = jax.lax.rsqrt(normalised) * scale
-    c = jax.lax.rsqrt(col)
+    r, c = _factored.rsqrt_vectors(row, col, axes, c2)
+    r = r * scale
     if hp["clip_threshold"] is not None:
         g_, r_, c_ = _private((g, r, c))
         mean_square = _mean(jnp.square((rows_(r_) * cols_(c_)) * g_), None)
@@ -92,13 +89,10 @@ def _factored_leaf(g, mu, row, col, r_row, r_col, axes, hp, corrections):
     r_row, r_col, _ = _factored.ema_moments(
         (instability_rows + eps2, instability_cols + eps2), r_row, r_col, None, axes, hp["b3"]
     )
-    s_normalised = r_row / jnp.mean(r_row, axis=row_axis, keepdims=True)
-    if c3 is not None:
-        s_normalised = s_normalised / c3
-    s_r = jax.lax.rsqrt(s_normalised)
+    s_r, s_c = _factored.rsqrt_vectors(r_row, r_col, axes, c3)
     if c1 is not None:
         s_r = s_r / c1
-    update = (rows_(s_r) * cols_(jax.lax.rsqrt(r_col))) * m
+    update = (rows_(s_r) * cols_(s_c)) * m
     return update, m, row, col, r_row, r_col
 
 
