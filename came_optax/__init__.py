@@ -1,19 +1,31 @@
 """CAME (Confidence-guided Adaptive Memory Efficient Optimization) for JAX and Optax."""
 
 from came_optax._alias import came, cast_to_param_dtype
+from came_optax._came import ScaleByCameState, scale_by_came
+from came_optax._cautious import cautious
 from came_optax._confidence import ConfidenceState, scale_by_confidence
-from came_optax._factored import FactoredRmsState, factored_axes, scale_by_factored_rms
+from came_optax._factored import (
+    FactoredSecondMomentState,
+    factored_axes,
+    scale_by_factored_second_moment,
+)
+from came_optax._rounding import StochasticRoundingState, stochastic_round_to_param_dtype
 from came_optax._sharding import state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfidenceState",
-    "FactoredRmsState",
+    "FactoredSecondMomentState",
+    "ScaleByCameState",
+    "StochasticRoundingState",
     "came",
     "cast_to_param_dtype",
+    "cautious",
     "factored_axes",
+    "scale_by_came",
     "scale_by_confidence",
-    "scale_by_factored_rms",
+    "scale_by_factored_second_moment",
     "state_shardings",
+    "stochastic_round_to_param_dtype",
 ]

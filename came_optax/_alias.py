@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from came_optax import _checks, _confidence, _factored, _fused
-from came_optax._confidence import scale_by_confidence
-from came_optax._factored import scale_by_factored_rms
+from came_optax import _checks, _factored
+from came_optax._came import came_transformation
+from came_optax._rounding import stochastic_round_to_param_dtype
 
 MaskOrFn = Any | None
 
@@ -63,6 +62,9 @@ def came(
     debias: bool = False,
     factored_dims: _factored.FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
+    cautious: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""CAME: Confidence-guided Adaptive Memory Efficient Optimization.
 
@@ -81,19 +83,23 @@ def came(
     \theta_t &= \theta_{t-1} - \eta_t \lambda \theta_{t-1} - \eta_t\, m_t / \sqrt{S_t}
 
   where a factored EMA keeps only row and column means (see
-  :func:`scale_by_factored_rms`). Scalars and vectors keep a full
+  :func:`scale_by_factored_second_moment`). Scalars and vectors keep a full
   :math:`V_t` and skip the confidence step (their update is :math:`m_t`).
   There is no bias correction. With default arguments this reproduces
   came-pytorch 0.1.3 to float32 rounding; all arithmetic is float32 even for
-  bfloat16 or float16 gradients, and updates come back in each parameter's
-  dtype.
+  bfloat16 or float16 gradients (complex64 for complex parameters, whose
+  statistics use :math:`|g|^2` as ``optax.adam``'s do), and updates come back in
+  each parameter's dtype.
 
-  It has the state and the semantics of the chain
-  :func:`scale_by_factored_rms`, ``optax.clip_by_block_rms``,
-  :func:`scale_by_confidence` and a chain of ``optax.add_decayed_weights``,
-  ``optax.scale_by_learning_rate`` and :func:`cast_to_param_dtype`; its
-  update computes the first three stages jointly so that no parameter-sized
-  temporary is kept (the results agree with the chain to float32 rounding).
+  It reads like ``optax.adamw``: ``optax.chain(``:func:`scale_by_came`\ ``,
+  optax.add_decayed_weights, optax.scale_by_learning_rate,``
+  :func:`cast_to_param_dtype`\ ``)``, where :func:`scale_by_came` has the
+  values of :func:`scale_by_factored_second_moment`,
+  ``optax.clip_by_block_rms`` and :func:`scale_by_confidence` chained. The
+  state is that chain's: ``state[0]`` is a :class:`ScaleByCameState` holding
+  the one step count (``optax.tree.get(state, 'count')``), the momentum
+  ``mu`` and the statistics, each a tree with the parameters' structure.
+  ``update`` needs ``params``, as ``optax.adamw``'s does.
 
   CAME's updates are not Adam-sized: early updates of matrices have an RMS of
   about 11 times the learning rate, so the best learning rate is usually
@@ -102,15 +108,15 @@ def came(
   Like came-pytorch, a NaN or Inf gradient enters the statistics for good;
   wrap the optimizer in ``optax.apply_if_finite`` to skip such steps. Finite
   gradients too large to square in float32 are rescaled (see
-  :func:`scale_by_factored_rms`) instead of turning into NaN.
+  :func:`scale_by_factored_second_moment`) instead of turning into NaN.
 
   Args:
-    learning_rate: a float >= 0 or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule (None is an error).
     b1: momentum decay, in [0, 1].
     b2: decay of the second-moment EMAs, in [0, 1) (at 1 the estimate never
       leaves zero).
     b3: decay of the instability EMAs, in [0, 1).
-    eps1: regulariser added to :math:`g^2`, >= 0.
+    eps1: regulariser added to :math:`|g|^2`, >= 0.
     eps2: regulariser added to the instability, >= 0.
     clip_threshold: the RMS :math:`d` above which each leaf's update is
       scaled down, > 0; None disables clipping.
@@ -121,10 +127,11 @@ def came(
       ``optax.inject_hyperparams`` pass ``static_args=('mask',)`` for a
       callable mask.
     mu_dtype: dtype of the stored momentum (``jnp.bfloat16`` halves it); None
-      keeps float32. Under ``optax.inject_hyperparams`` pass it as a string
-      (``'bfloat16'``) or in ``static_args``.
+      keeps float32 (complex64 for complex parameters). Under
+      ``optax.inject_hyperparams`` pass it as a string (``'bfloat16'``) or in
+      ``static_args``.
     debias: Adam-style bias correction of the second moment, the momentum and
-      the instability (see :func:`scale_by_factored_rms` and
+      the instability (see :func:`scale_by_factored_second_moment` and
       :func:`scale_by_confidence`). Beyond the paper; off keeps parity.
     factored_dims: ``'last_two'`` (the reference) or ``'largest_two'`` (as
       ``optax.adafactor``); see :func:`factored_axes`.
@@ -132,9 +139,21 @@ def came(
       statistics; None (the reference) factors every leaf of rank >= 2. A
       static int: under ``optax.inject_hyperparams`` list it in
       ``static_args``.
+    cautious: the cautious mask of Liang et al. (2024): zero the update where
+      its sign disagrees with the gradient's and rescale the rest by the kept
+      fraction (see :func:`cautious`), before weight decay, so decay is never
+      masked. Beyond the paper; off keeps parity.
+    stochastic_rounding: end with :func:`stochastic_round_to_param_dtype`
+      instead of :func:`cast_to_param_dtype`, so that bfloat16 or float16
+      parameters after ``optax.apply_updates`` are an unbiased stochastic
+      rounding of the float32 step (weight decay included); float32 parameters
+      are unaffected. Beyond the paper.
+    seed: the stochastic rounding's seed, a Python int in [0, 2**32); under
+      ``optax.inject_hyperparams`` list it in ``static_args``.
 
   Returns:
-    The optimizer, an ``optax.GradientTransformationExtraArgs``.
+    The optimizer, an ``optax.GradientTransformationExtraArgs``. Its
+    ``update(grads, state, params)`` requires ``params``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -151,42 +170,36 @@ def came(
     Luo et al., CAME: Confidence-guided Adaptive Memory Efficient
     Optimization, ACL 2023 (arXiv:2307.02047); came-pytorch 0.1.3.
   """
+    if learning_rate is None:
+        raise ValueError(
+            "came: learning_rate must be a float >= 0 or an optax schedule; got None. For "
+            "unscaled updates chain came_optax.scale_by_came() yourself."
+        )
     if not callable(learning_rate):
         _checks.check_range("learning_rate", learning_rate, 0.0)
-    if clip_threshold is not None:
-        _checks.check_range("clip_threshold", clip_threshold, 0.0, low_inclusive=False)
     _checks.check_range("weight_decay", weight_decay, 0.0)
     _check_mask(mask)
-    factoring = dict(factored_dims=factored_dims, min_dim_size_to_factor=min_dim_size_to_factor)
-    tail = optax.chain(
+    tx = optax.chain(
+        came_transformation(
+            dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold),
+            mu_dtype,
+            cautious=cautious,
+            debias=debias,
+            factored_dims=factored_dims,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            who="came",
+        ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
-        cast_to_param_dtype(),
+        stochastic_round_to_param_dtype(seed) if stochastic_rounding else cast_to_param_dtype(),
     )
-    stages = optax.chain(
-        scale_by_factored_rms(b2, eps1, debias=debias, **factoring),
-        optax.clip_by_block_rms(clip_threshold) if clip_threshold is not None else optax.identity(),
-        scale_by_confidence(b1, b3, eps2, mu_dtype=mu_dtype, debias=debias, **factoring),
-        tail,
-    )
-    # The update computes the first three stages jointly (see _fused); the state and
-    # the values are those of ``stages``.
-    hyperparams = dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold)
 
     def update_fn(updates, state, params=None, **extra_args):
-        factored, clip_state, confidence, tail_state = state
-        leaves, treedef = jax.tree.flatten(updates)
-        axes = [
-            _factored.factored_axes(jnp.shape(x), factored_dims, min_dim_size_to_factor)
-            for x in leaves
-        ]
-        _factored.check_leaves(leaves, axes, factored.v_row, factored.v, "came")
-        _checks.check_float_leaves(leaves, "updates")
-        _confidence.check_updates(treedef, leaves, axes, confidence)
-        updates, factored, confidence = _fused.precondition(
-            updates, factored, confidence, axes, hyperparams, debias
-        )
-        updates, tail_state = tail.update(updates, tail_state, params, **extra_args)
-        return updates, (factored, clip_state, confidence, tail_state)
+        if params is None:
+            raise ValueError(
+                "came: update needs the parameters, for weight decay and to return updates in "
+                "each parameter's dtype: call tx.update(grads, state, params)."
+            )
+        return tx.update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(stages.init, update_fn)
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

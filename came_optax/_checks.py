@@ -78,23 +78,60 @@ def resolve_dtype(name: str, dtype: Any) -> jnp.dtype | None:
         resolved = jnp.dtype(dtype)
     except TypeError as e:
         raise ValueError(f"{name} must be a floating dtype, got {dtype!r}.") from e
-    if not jnp.issubdtype(resolved, jnp.floating):
-        raise ValueError(f"{name} must be a floating dtype, got {resolved}.")
+    if not jnp.issubdtype(resolved, jnp.inexact):
+        raise ValueError(f"{name} must be a floating or complex dtype, got {resolved}.")
     return resolved
 
 
-def check_float_leaves(tree_leaves: list[Any], what: str) -> None:
-    """Raises TypeError for integer, boolean or complex leaves."""
-    for i, leaf in enumerate(tree_leaves):
+def leaf_name(path: jax.tree_util.KeyPath) -> str:
+    """A leaf's key path as ``jax.tree_util.keystr`` prints it."""
+    return jax.tree_util.keystr(path) or "the root leaf"
+
+
+def check_float_leaves(paths: list[Any], leaves: list[Any], what: str, who: str) -> None:
+    """Raises TypeError naming the first integer or boolean leaf."""
+    for path, leaf in zip(paths, leaves, strict=True):
         dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(dtype, jnp.complexfloating):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"CAME does not support complex {what}: leaf {i} has dtype {dtype}. "
-                "Optimise the real and imaginary parts as separate real leaves."
+                f"{who}: {what} {leaf_name(path)} has dtype {dtype}; CAME needs floating-point "
+                "or complex leaves. Exclude integer and boolean leaves with optax.masked or "
+                "optax.partition."
             )
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(
-                f"CAME needs floating-point {what}: leaf {i} has dtype {dtype}. "
-                "Integer and boolean leaves cannot be optimised; exclude them with "
-                "optax.masked or optax.partition."
+
+
+def check_param_leaves(params: Any, who: str) -> None:
+    """Validates the parameters given to ``init``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    check_float_leaves([p for p, _ in flat], [x for _, x in flat], "parameter", who)
+
+
+def flatten_updates(updates: Any, who: str) -> tuple[list[Any], list[Any], Any]:
+    """``(paths, leaves, treedef)`` of the updates, validated."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths, leaves = [p for p, _ in flat], [x for _, x in flat]
+    check_float_leaves(paths, leaves, "update", who)
+    return paths, leaves, treedef
+
+
+def check_stat_shapes(
+    paths: list[Any],
+    leaves: list[Any],
+    axes: list[Any],
+    rows: list[Any],
+    fulls: list[Any],
+    who: str,
+) -> None:
+    """Raises ValueError naming the first update leaf whose statistics do not fit its shape."""
+    for path, leaf, a, row, full in zip(paths, leaves, axes, rows, fulls, strict=True):
+        shape = jnp.shape(leaf)
+        if a is None:
+            expected, got = shape, jnp.shape(full)
+        else:
+            expected, got = shape[: a[1]] + shape[a[1] + 1 :], jnp.shape(row)
+        if tuple(got) != tuple(expected):
+            raise ValueError(
+                f"{who}: the update {leaf_name(path)} has shape {shape}, but the optimizer state "
+                f"holds a statistic of shape {tuple(got)} there (expected {expected}). Pass "
+                "updates with the tree structure and shapes of the parameters given to init."
             )

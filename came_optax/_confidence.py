@@ -10,13 +10,14 @@ the inverse root of the instability.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from came_optax import _checks, _factored
+from came_optax import _checks, _factored, _layout, _schedule
 
 
 class ConfidenceState(NamedTuple):
@@ -24,30 +25,101 @@ class ConfidenceState(NamedTuple):
 
     Attributes:
       count: number of updates applied so far (int32).
-      mu: the momentum, with the parameters' tree structure, shapes and
-        ``mu_dtype``.
-      r_row: per leaf (``jax.tree.leaves`` order), the EMA of row means of the
-        instability, or None where the leaf is not factored.
-      r_col: per leaf, the EMA of column means of the instability, or None.
+      mu: the momentum, with the parameters' tree structure (metadata boxes
+        included), shapes and ``mu_dtype``.
+      r_row: per leaf, the EMA of row means of the instability where the leaf
+        is factored, else a one-element placeholder; the parameters' structure
+        without metadata boxes.
+      r_col: per leaf, the EMA of column means of the instability, or a
+        placeholder.
     """
 
     count: jax.Array
     mu: optax.Updates
-    r_row: tuple[jax.Array | None, ...]
-    r_col: tuple[jax.Array | None, ...]
+    r_row: optax.Params
+    r_col: optax.Params
 
 
-def check_updates(treedef, leaves: list, axes: list, state: ConfidenceState) -> None:
-    """Raises ValueError when updates do not match the tree the state was built for."""
-    mu_treedef = jax.tree.structure(state.mu)
+def confidence_step(
+    u_fn: Callable[[], jax.Array],
+    mu: jax.Array,
+    r_row: jax.Array,
+    r_col: jax.Array,
+    axes: _factored.Axes,
+    b1: Any,
+    b3: Any,
+    eps2: Any,
+    corrections: tuple[Any, Any],
+    sch: _schedule.Schedule,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One leaf's momentum and confidence scaling; returns ``(out, m, r_row, r_col)``.
+
+    ``u_fn()`` gives the incoming update for each full-size consumer, so that a
+    caller may recompute it from the gradient instead of storing it. ``mu`` is
+    in the compute dtype; ``corrections`` are the momentum's and the
+    instability's bias corrections, or None.
+    """
+    c1, c3 = corrections
+    m = b1 * mu + (1.0 - b1) * u_fn()
+    if axes is None:
+        return (m if c1 is None else m / c1), m, r_row, r_col
+
+    def instability() -> jax.Array:
+        return _factored.abs_square(u_fn() - sch.fresh(m))
+
+    row_axis, col_axis = axes
+    rows = sch.mean(instability(), col_axis) + eps2
+    cols = sch.mean(instability(), row_axis) + eps2
+    r_row, r_col = _factored.ema(r_row, rows, b3), _factored.ema(r_col, cols, b3)
+    s_r, s_c = _factored.inverse_root_vectors(r_row, r_col, axes, c3)
+    if c1 is not None:
+        s_r = s_r / c1
+    return _factored.outer(m, s_r, s_c, axes), m, r_row, r_col
+
+
+def momentum_dtype(param_dtype: Any, mu_dtype: Any, path: Any, who: str) -> jnp.dtype:
+    """The stored momentum's dtype for a parameter, validated."""
+    if mu_dtype is None:
+        return _factored.compute_dtype(param_dtype)
+    if jnp.issubdtype(mu_dtype, jnp.complexfloating) and not jnp.issubdtype(
+        param_dtype, jnp.complexfloating
+    ):
+        raise ValueError(
+            f"{who}: mu_dtype={jnp.dtype(mu_dtype).name} is complex but "
+            f"{_checks.leaf_name(path)} is real ({jnp.dtype(param_dtype).name})."
+        )
+    if jnp.issubdtype(param_dtype, jnp.complexfloating) and not jnp.issubdtype(
+        mu_dtype, jnp.complexfloating
+    ):
+        raise ValueError(
+            f"{who}: mu_dtype={jnp.dtype(mu_dtype).name} cannot hold the complex momentum of "
+            f"{_checks.leaf_name(path)} ({jnp.dtype(param_dtype).name}); use mu_dtype=None or "
+            "optax.partition to give complex leaves their own optimizer."
+        )
+    return jnp.dtype(mu_dtype)
+
+
+def init_momentum(params: Any, mu_dtype: Any, who: str) -> Any:
+    """Zero momentum in the parameters' structure, sharded like each parameter."""
+
+    def zeros(path, p):
+        return _factored.zeros_like_param(
+            p, momentum_dtype(jnp.result_type(p), mu_dtype, path, who)
+        )
+
+    return jax.tree_util.tree_map_with_path(zeros, params)
+
+
+def check_momentum(treedef: Any, mu: Any, who: str) -> list[Any]:
+    """The momentum's leaves, after checking its structure against the updates'."""
+    mu_treedef = jax.tree.structure(mu)
     if treedef != mu_treedef:
         raise ValueError(
-            "scale_by_confidence: the updates' tree structure does not match the optimizer "
-            f"state's momentum.\n  updates: {treedef}\n  state:   {mu_treedef}\nPass updates "
-            "with the same tree structure as the parameters given to init."
+            f"{who}: the updates' tree structure does not match the optimizer state's "
+            f"momentum.\n  updates: {treedef}\n  state:   {mu_treedef}\nPass updates with the "
+            "tree structure of the parameters given to init."
         )
-    mus = treedef.flatten_up_to(state.mu)
-    _factored.check_leaves(leaves, axes, state.r_row, mus, "scale_by_confidence")
+    return treedef.flatten_up_to(mu)
 
 
 def scale_by_confidence(
@@ -64,14 +136,14 @@ def scale_by_confidence(
 
     CAME's confidence-guided strategy (Luo et al., 2023, Algorithm 1, lines
     7-11). For an incoming update :math:`u_t` (in CAME, the clipped output of
-    :func:`scale_by_factored_rms`):
+    :func:`scale_by_factored_second_moment`):
 
     .. math::
 
       m_t = \beta_1 m_{t-1} + (1-\beta_1)\, u_t
 
-    and, for factored leaves (same rule as :func:`scale_by_factored_rms`), with
-    the instability :math:`r_t = (u_t - m_t)^2 + \epsilon_2`:
+    and, for factored leaves (same rule as :func:`scale_by_factored_second_moment`),
+    with the instability :math:`r_t = |u_t - m_t|^2 + \epsilon_2`:
 
     .. math::
 
@@ -81,8 +153,8 @@ def scale_by_confidence(
       \text{out} = \frac{m_t}{\sqrt{S_t}}.
 
     Unfactored leaves (scalars and vectors by default) output :math:`m_t`, as
-    came-pytorch does. Arithmetic is float32 (float64 for float64 inputs); the
-    momentum is stored in ``mu_dtype``.
+    came-pytorch does. Arithmetic is float32 (complex64 for complex inputs;
+    64-bit for 64-bit inputs); the momentum is stored in ``mu_dtype``.
 
     With ``debias=True`` (an option beyond the paper and came-pytorch) the
     output is :math:`\hat m_t / \sqrt{S_t / (1-\beta_3^t)}` with
@@ -97,7 +169,7 @@ def scale_by_confidence(
       b3: decay of the instability EMAs, in [0, 1).
       eps2: added to the instability, >= 0.
       mu_dtype: dtype of the stored momentum (e.g. ``jnp.bfloat16`` to halve
-        its memory). None keeps float32 (float64 for float64 leaves).
+        its memory). None keeps the compute dtype (float32 or complex64).
       debias: bias-correct the momentum and the instability; off in the
         reference.
       factored_dims: which axes to factor; see :func:`factored_axes`.
@@ -110,11 +182,13 @@ def scale_by_confidence(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from came_optax import scale_by_confidence, scale_by_factored_rms
-      >>> tx = optax.chain(scale_by_factored_rms(), optax.clip_by_block_rms(1.0),
+      >>> from came_optax import scale_by_confidence, scale_by_factored_second_moment
+      >>> tx = optax.chain(scale_by_factored_second_moment(), optax.clip_by_block_rms(1.0),
       ...                  scale_by_confidence(), optax.scale(-1e-3))
       >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
       >>> updates, state = tx.update(params, tx.init(params))
+      >>> state[2].r_row['w'].shape, state[2].mu['b'].shape
+      ((4,), (3,))
 
     References:
       Luo et al., CAME: Confidence-guided Adaptive Memory Efficient
@@ -125,63 +199,54 @@ def scale_by_confidence(
     _checks.check_range("eps2", eps2, 0.0)
     _factored.check_factoring_args(factored_dims, min_dim_size_to_factor)
     mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype)
-
-    def leaf_axes(leaves):
-        return [
-            _factored.factored_axes(jnp.shape(x), factored_dims, min_dim_size_to_factor)
-            for x in leaves
-        ]
-
-    def momentum_dtype(dtype):
-        return mu_dtype if mu_dtype is not None else _factored.compute_dtype(dtype)
+    who = "scale_by_confidence"
 
     def init_fn(params):
-        leaves = jax.tree.leaves(params)
-        _checks.check_float_leaves(leaves, "parameters")
-        mu = jax.tree.map(
-            lambda p: _factored.zeros_like_param(p, momentum_dtype(jnp.result_type(p))), params
-        )
-        moments = [
-            _factored.init_moments(x, a) for x, a in zip(leaves, leaf_axes(leaves), strict=True)
-        ]
-        rows = tuple(m[0] for m in moments)
-        cols = tuple(m[1] for m in moments)
-        return ConfidenceState(jnp.zeros([], jnp.int32), mu, rows, cols)
+        _checks.check_param_leaves(params, who)
+        mu = init_momentum(params, mu_dtype, who)
+        stats = _factored.init_second_moment(params, factored_dims, min_dim_size_to_factor)
+        return ConfidenceState(jnp.zeros([], jnp.int32), mu, stats[0], stats[1])
 
     def update_fn(updates, state, params=None):
         del params
-        leaves, treedef = jax.tree.flatten(updates)
-        axes = leaf_axes(leaves)
-        check_updates(treedef, leaves, axes, state)
+        paths, leaves, treedef = _checks.flatten_updates(updates, who)
+        axes = _factored.leaf_axes(leaves, factored_dims, min_dim_size_to_factor)
+        mus = check_momentum(treedef, state.mu, who)
+        rows = _layout.leaves_of(state.r_row, len(leaves), "r_row", who)
+        cols = _layout.leaves_of(state.r_col, len(leaves), "r_col", who)
+        _checks.check_stat_shapes(paths, leaves, axes, rows, mus, who)
         count = optax.safe_increment(state.count)
-        if debias:
-            mu_correction = _factored.bias_correction(b1, count)
-            r_correction = _factored.bias_correction(b3, count)
-        else:
-            mu_correction = r_correction = None
-        outs, new_mus, rows, cols = [], [], [], []
-        mus = treedef.flatten_up_to(state.mu)
-        for u, mu, row, col, a in zip(leaves, mus, state.r_row, state.r_col, axes, strict=True):
-            cdt = _factored.compute_dtype(u.dtype)
-            u = u.astype(cdt)
-            m = b1 * mu.astype(cdt) + (1.0 - b1) * u
-            m_hat = m if mu_correction is None else m / mu_correction
-            if a is None:
-                out = m_hat
-            else:
-                r = jnp.square(u - m) + eps2
-                row, col, _ = _factored.ema_moments(
-                    _factored.moment_means(r, a), row, col, None, a, b3
+
+        def corrections(dtype):
+            if not debias:
+                return (None, None)
+            return tuple(_factored.bias_correction(b, count, dtype) for b in (b1, b3))
+
+        def step(sch, leaves, mus, rows, cols):
+            results = []
+            for u, mu, row, col, a in zip(leaves, mus, rows, cols, axes, strict=True):
+                u = u.astype(_factored.compute_dtype(u.dtype))
+                out, m, row, col = confidence_step(
+                    lambda u=u: sch.fresh(u),
+                    mu.astype(u.dtype),
+                    row,
+                    col,
+                    a,
+                    b1,
+                    b3,
+                    eps2,
+                    corrections(_factored.stat_dtype(u.dtype)),
+                    sch,
                 )
-                out = _factored.scale_with(
-                    m_hat, _factored.rsqrt_factors(row, col, None, a, r_correction)
-                )
-            outs.append(out)
-            new_mus.append(m.astype(mu.dtype))
-            rows.append(row)
-            cols.append(col)
+                results.append((out, m.astype(mu.dtype), row, col))
+            return _layout.unzip(results, 4)
+
+        outs, new_mus, new_rows, new_cols = _schedule.run(step, leaves, mus, rows, cols)
         new_state = ConfidenceState(
-            count, jax.tree.unflatten(treedef, new_mus), tuple(rows), tuple(cols)
+            count,
+            jax.tree.unflatten(treedef, new_mus),
+            _layout.like(state.r_row, new_rows),
+            _layout.like(state.r_col, new_cols),
         )
         return jax.tree.unflatten(treedef, outs), new_state
 

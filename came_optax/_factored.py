@@ -1,15 +1,17 @@
-"""Factored second-moment scaling: CAME's first stage, and the factored EMA it shares.
+r"""Factored second moment: CAME's first stage, and the factored EMA it shares.
 
-A matrix-shaped statistic ``X`` (``g**2`` here, the instability in
+A matrix-shaped statistic ``X`` (:math:`|g|^2` here, the instability in
 :mod:`came_optax._confidence`) is tracked by two exponential moving averages of
 its means, one per kept axis, instead of a full copy. Its reconstruction
 
 .. math::
 
-  \\hat X_{ij} = \\frac{R_i\\, C_j}{\\operatorname{mean}_k R_k}
+  \hat X_{ij} = \frac{R_i\, C_j}{\operatorname{mean}_k R_k}
 
-is never materialised: callers multiply by the two broadcastable factors
-returned by :func:`rsqrt_factors`.
+is never materialised: callers multiply by the row and column vectors of
+:func:`inverse_root_vectors`. The per-leaf functions here are the only
+statement of this math; :func:`scale_by_factored_second_moment` and
+:func:`came_optax.scale_by_came` both call them.
 """
 
 from __future__ import annotations
@@ -22,39 +24,44 @@ import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
-from came_optax import _checks
+from came_optax import _checks, _layout, _schedule
 
 FactoredDims = Literal["last_two", "largest_two"]
+Axes = tuple[int, int] | None
+
+# A leaf whose squared gradient overflows is scaled by 2**OVERFLOW_EXPONENT: the
+# mean of squares of any finite float32 array of up to 2**31 entries then fits.
+OVERFLOW_EXPONENT = -80
 
 
-class FactoredRmsState(NamedTuple):
-    """State of :func:`scale_by_factored_rms`.
+class FactoredSecondMomentState(NamedTuple):
+    r"""State of :func:`scale_by_factored_second_moment`.
 
-    The statistics are tuples with one entry per leaf of the parameters (in
-    ``jax.tree.leaves`` order), so the rank-reduced arrays never inherit metadata
-    such as ``nnx.Variable`` or ``nn.Partitioned`` annotations of their parameter.
+    Each statistic is a tree with the parameters' structure (metadata boxes
+    such as ``nnx.Variable`` removed); a leaf that does not keep a statistic
+    holds a one-element placeholder there.
 
     Attributes:
       count: number of updates applied so far (int32).
-      v_row: per leaf, the EMA of row means of ``g**2 + eps1`` (the parameter's
-        shape without its column axis), or None where the leaf is not factored.
-      v_col: per leaf, the EMA of column means (the shape without the row axis),
-        or None where the leaf is not factored.
-      v: per leaf, the full EMA of ``g**2 + eps1`` where the leaf is not
-        factored, else None.
+      v_row: per leaf, the EMA of row means of :math:`|g|^2 + \epsilon_1` (the
+        parameter's shape without its column axis) where the leaf is factored.
+      v_col: per leaf, the EMA of column means (the shape without the row axis)
+        where the leaf is factored.
+      v: per leaf, the full EMA of :math:`|g|^2 + \epsilon_1` where the leaf is
+        not factored.
     """
 
     count: jax.Array
-    v_row: tuple[jax.Array | None, ...]
-    v_col: tuple[jax.Array | None, ...]
-    v: tuple[jax.Array | None, ...]
+    v_row: optax.Params
+    v_col: optax.Params
+    v: optax.Params
 
 
 def factored_axes(
     shape: tuple[int, ...],
     factored_dims: FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
-) -> tuple[int, int] | None:
+) -> Axes:
     """Which two axes of a leaf are factored, or None to keep a full statistic.
 
     Args:
@@ -77,6 +84,9 @@ def factored_axes(
       (2, 3)
       >>> factored_axes((3, 3, 64, 128), 'largest_two', min_dim_size_to_factor=128) is None
       True
+
+    References:
+      Shazeer & Stern, Adafactor, ICML 2018 (arXiv:1804.04235), section 3.
     """
     if len(shape) < 2 or 0 in shape:
         return None
@@ -105,8 +115,20 @@ def check_factoring_args(factored_dims: Any, min_dim_size_to_factor: Any) -> Non
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype statistics are kept in: float32, or float64 for float64 leaves."""
+    """The dtype updates are computed in: float32 or complex64, or their 64-bit forms."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def stat_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype statistics are kept in (float32, or float64 for 64-bit leaves)."""
+    return jnp.finfo(compute_dtype(dtype)).dtype
+
+
+def abs_square(x: jax.Array) -> jax.Array:
+    """:math:`|x|^2`, real for complex ``x``."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(x)
 
 
 def zeros_like_param(leaf: Any, dtype: Any) -> jax.Array:
@@ -123,162 +145,160 @@ def zeros_like_param(leaf: Any, dtype: Any) -> jax.Array:
     return zeros
 
 
-def bias_correction(decay: Any, count: jax.Array) -> jax.Array:
-    """``1 - decay**count`` in float32, accurate for decays close to 1.
+def bias_correction(decay: Any, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """``1 - decay**count`` in ``dtype``, accurate for decays close to 1.
 
     A concrete ``decay`` is taken to log space in float64, so ``b3 = 0.9999`` is not
     first rounded to float32 (which alone would move ``1 - b3`` by ~6e-4 relative).
     """
     value = _checks.concrete_value(decay)
     if value is not None:
-        log_decay = jnp.float32(np.log(value)) if value > 0 else jnp.float32(-np.inf)
+        log_decay = jnp.asarray(np.log(value) if value > 0 else -np.inf, dtype)
     else:
-        log_decay = jnp.log(jnp.asarray(decay, jnp.float32))
-    return -jnp.expm1(count.astype(jnp.float32) * log_decay)
+        log_decay = jnp.log(jnp.asarray(decay, dtype))
+    return -jnp.expm1(count.astype(dtype) * log_decay)
 
 
-def init_moments(
-    leaf: Any, axes: tuple[int, int] | None
-) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
-    """Zero ``(row, col, full)`` statistics for one leaf; unused entries are None.
+def init_stats(leaf: Any, axes: Axes) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zero ``(row, col, full)`` statistics for one leaf, placeholders where unused.
 
     Row and column statistics are reductions of parameter-shaped zeros, so they are
     sharded like the parameter with the reduced axis removed.
     """
-    if axes is not None and not isinstance(leaf, jax.core.Tracer):
+    dtype = stat_dtype(jnp.result_type(leaf))
+    if axes is None:
+        return _layout.placeholder(dtype), _layout.placeholder(dtype), zeros_like_param(leaf, dtype)
+    if not isinstance(leaf, jax.core.Tracer):
         # Compiled, the parameter-shaped zeros are folded away instead of allocated.
-        return _init_moments_compiled(leaf, axes)
-    zeros = zeros_like_param(leaf, compute_dtype(jnp.result_type(leaf)))
-    if axes is None:
-        return None, None, zeros
+        return _init_factored_compiled(leaf, axes)
+    return _init_factored(leaf, axes)
+
+
+def _init_factored(leaf: Any, axes: tuple[int, int]) -> tuple[jax.Array, ...]:
+    dtype = stat_dtype(jnp.result_type(leaf))
+    zeros = zeros_like_param(leaf, dtype)
     row_axis, col_axis = axes
-    return jnp.sum(zeros, axis=col_axis), jnp.sum(zeros, axis=row_axis), None
+    return jnp.sum(zeros, axis=col_axis), jnp.sum(zeros, axis=row_axis), _layout.placeholder(dtype)
 
 
-_init_moments_compiled = jax.jit(init_moments, static_argnums=1)
+_init_factored_compiled = jax.jit(_init_factored, static_argnums=1)
 
 
-def moment_means(x: jax.Array, axes: tuple[int, int] | None) -> tuple[jax.Array, ...]:
-    """``(row means, column means)`` of ``x`` for a factored leaf, else ``(x,)``."""
-    if axes is None:
-        return (x,)
-    row_axis, col_axis = axes
-    return jnp.mean(x, axis=col_axis), jnp.mean(x, axis=row_axis)
+def ema(old: jax.Array, new: jax.Array, decay: Any) -> jax.Array:
+    """One exponential-moving-average step."""
+    return decay * old + (1.0 - decay) * new
 
 
-def ema_moments(
-    means: tuple[jax.Array, ...],
-    row: jax.Array | None,
-    col: jax.Array | None,
-    full: jax.Array | None,
-    axes: tuple[int, int] | None,
-    decay: jax.Array | float,
-) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
-    """Folds this step's ``means`` (from :func:`moment_means`) into the EMAs."""
-    if axes is None:
-        return None, None, decay * full + (1.0 - decay) * means[0]
-    return decay * row + (1.0 - decay) * means[0], decay * col + (1.0 - decay) * means[1], None
-
-
-# Largest entry a gradient is rescaled to when its square overflows (see guard_overflow).
-SAFE_MAX_EXPONENT = 50
-
-
-def guard_overflow(
-    g: jax.Array, means: tuple[jax.Array, ...], square_means
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """Rescales a leaf whose squared gradient overflowed, by a power of two.
-
-    ``means`` are this step's means of ``g**2 + eps1``; ``square_means(scale)``
-    recomputes them for ``g * scale``. When they are all finite (always, unless
-    some ``|g|`` exceeds about 1.8e19) the scale is exactly 1 and nothing changes.
-    Otherwise ``g`` is scaled so its largest entry is ``2**50``: CAME's update is
-    invariant to the gradient's scale except through ``eps1`` and the EMA
-    history, so this keeps training finite where float32 arithmetic (and
-    came-pytorch) would produce NaN. Non-finite gradients are passed through.
-    """
-
-    def rescaled(_):
-        gmax = jnp.max(jnp.abs(g), initial=0)
-        ok = jnp.isfinite(gmax) & (gmax > 0)
-        exponent = jnp.ceil(jnp.log2(jnp.where(ok, gmax, 1.0))).astype(jnp.int32)
-        scale = jnp.where(ok, jnp.ldexp(jnp.ones((), g.dtype), SAFE_MAX_EXPONENT - exponent), 1)
-        return scale.astype(g.dtype), square_means(scale)
-
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in means]))
-    return jax.lax.cond(finite, lambda _: (jnp.ones((), g.dtype), means), rescaled, None)
-
-
-def rsqrt_factors(
-    row: jax.Array | None,
-    col: jax.Array | None,
-    full: jax.Array | None,
-    axes: tuple[int, int] | None,
-    correction: jax.Array | float | None = None,
-) -> tuple[jax.Array, ...]:
-    """Broadcastable factors whose product is ``rsqrt(X / correction)``.
-
-    Returns one full-shape factor for an unfactored leaf, and a row factor and a
-    column factor (each with a size-one axis where the other varies) for a
-    factored one, so that ``x * prod(factors)`` fuses into one elementwise loop.
-    """
-    if axes is None:
-        return (jax.lax.rsqrt(full if correction is None else full / correction),)
-    row_axis, col_axis = axes
-    r_vector, c_vector = rsqrt_vectors(row, col, axes, correction)
-    return jnp.expand_dims(r_vector, col_axis), jnp.expand_dims(c_vector, row_axis)
-
-
-def rsqrt_vectors(
-    row: jax.Array,
-    col: jax.Array,
-    axes: tuple[int, int],
-    correction: jax.Array | float | None = None,
+def inverse_root_vectors(
+    row: jax.Array, col: jax.Array, axes: tuple[int, int], correction: Any = None
 ) -> tuple[jax.Array, jax.Array]:
-    """The row and column factors of :func:`rsqrt_factors`, before broadcasting."""
+    r"""Row and column vectors whose outer product is :math:`(\hat X / c)^{-1/2}`."""
     normalised = row / jnp.mean(row, axis=axes[0], keepdims=True)
     if correction is not None:
         normalised = normalised / correction
     return jax.lax.rsqrt(normalised), jax.lax.rsqrt(col)
 
 
-def scale_with(x: jax.Array, factors: tuple[jax.Array, ...]) -> jax.Array:
-    """``x`` times the reconstructed inverse square root, in the reference's order."""
-    if len(factors) == 1:
-        return factors[0] * x
-    r_factor, c_factor = factors
-    return (r_factor * c_factor) * x
+def outer(x: jax.Array, r: jax.Array, c: jax.Array, axes: tuple[int, int]) -> jax.Array:
+    """``x`` times the outer product of a row vector ``r`` and a column vector ``c``."""
+    row_axis, col_axis = axes
+    return (jnp.expand_dims(r, col_axis) * jnp.expand_dims(c, row_axis)) * x
 
 
-def check_leaves(
-    leaves: list[Any],
-    axes: list[tuple[int, int] | None],
-    rows: tuple,
-    fulls: tuple,
-    who: str,
-) -> None:
-    """Raises ValueError when updates do not match the tree the state was built for."""
-    if len(leaves) != len(rows):
-        raise ValueError(
-            f"{who}: the updates have {len(leaves)} leaves but the optimizer state was "
-            f"initialised for {len(rows)}. Pass updates with the same tree structure as "
-            "the parameters given to init."
+def factored_means(
+    x: jax.Array, axes: tuple[int, int], sch: _schedule.Schedule
+) -> tuple[jax.Array, jax.Array]:
+    """Row and column means of a full-size ``x``, each consumer with its own inputs."""
+    row_axis, col_axis = axes
+    return sch.mean(x, col_axis), sch.mean(x, row_axis)
+
+
+def second_moment_means(
+    g: jax.Array, axes: Axes, eps1: Any, sch: _schedule.Schedule
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    r"""This step's means of :math:`|s g|^2 + \epsilon_1` and the scale :math:`s`.
+
+    ``s`` is 1 unless the squares overflow float32 (some :math:`|g|` above about
+    1.8e19); then it is :math:`2^{-80}`. CAME's update does not depend on the
+    gradient's scale except through :math:`\\epsilon_1` and the EMA history, so this
+    keeps training finite where came-pytorch produces NaN. Non-finite gradients
+    pass through.
+    """
+
+    def means(row_scale: Any, col_scale: Any) -> tuple[jax.Array, ...]:
+        if axes is None:
+            return (abs_square(g * row_scale) + eps1,)
+        row_axis, col_axis = axes
+        return (
+            sch.mean(abs_square(sch.fresh(g) * row_scale), col_axis) + eps1,
+            sch.mean(abs_square(sch.fresh(g) * col_scale), row_axis) + eps1,
         )
-    for i, (leaf, a, row, full) in enumerate(zip(leaves, axes, rows, fulls, strict=True)):
-        shape = jnp.shape(leaf)
-        if a is None:
-            ok = full is not None and full.shape == shape
-        else:
-            ok = row is not None and row.shape == shape[: a[1]] + shape[a[1] + 1 :]
-        if not ok:
-            raise ValueError(
-                f"{who}: update leaf {i} has shape {shape}, which does not match the "
-                "optimizer state initialised for the parameters. Pass updates with the same "
-                "tree structure and shapes as the parameters given to init."
-            )
+
+    plain = means(1.0, 1.0)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in plain]))
+    # Behind barriers, or XLA rewrites (g * s)**2 as g**2 * s**2, where s**2 underflows; one
+    # per reduction, or XLA stores g * s in full for the other reduction to read.
+    one = jnp.ones((), g.real.dtype)
+    rescale, row_scale, col_scale = jax.lax.optimization_barrier(
+        (jnp.asarray(2.0**OVERFLOW_EXPONENT, g.real.dtype),) * 3
+    )
+    return sch.overflow_guard(
+        finite,
+        lambda: (one, plain),
+        lambda: (rescale, means(row_scale, col_scale)),
+    )
 
 
-def scale_by_factored_rms(
+def second_moment_step(
+    g: jax.Array,
+    row: jax.Array,
+    col: jax.Array,
+    full: jax.Array,
+    axes: Axes,
+    b2: Any,
+    eps1: Any,
+    correction: Any,
+    sch: _schedule.Schedule,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array, jax.Array]]:
+    """Folds one gradient into a leaf's second moment.
+
+    Returns ``(factors, (row, col, full))``: the new statistics, and the
+    inverse-root factors, with the overflow scale folded in, such that the
+    stage's output is ``g * factors[0]`` (unfactored) or
+    ``outer(g, *factors, axes)`` (factored).
+    """
+    scale, means = second_moment_means(g, axes, eps1, sch)
+    if axes is None:
+        full = ema(full, means[0], b2)
+        v_hat = full if correction is None else full / correction
+        return (jax.lax.rsqrt(v_hat) * scale,), (row, col, full)
+    row, col = ema(row, means[0], b2), ema(col, means[1], b2)
+    r, c = inverse_root_vectors(row, col, axes, correction)
+    return (r * scale, c), (row, col, full)
+
+
+def apply_factors(g: jax.Array, factors: tuple[jax.Array, ...], axes: Axes) -> jax.Array:
+    """The stage's output from :func:`second_moment_step`'s factors."""
+    if axes is None:
+        return factors[0] * g
+    return outer(g, *factors, axes)
+
+
+def leaf_axes(leaves: list[Any], factored_dims: FactoredDims, min_dim: int | None) -> list[Axes]:
+    """:func:`factored_axes` of each leaf."""
+    return [factored_axes(jnp.shape(x), factored_dims, min_dim) for x in leaves]
+
+
+def init_second_moment(params: Any, factored_dims: FactoredDims, min_dim: int | None):
+    """``(v_row, v_col, v)`` trees of zeros for ``params`` (see the state's docstring)."""
+
+    def init(x):
+        return init_stats(x, factored_axes(jnp.shape(x), factored_dims, min_dim))
+
+    return tuple(_layout.unboxed(lambda x, i=i: init(x)[i], params) for i in range(3))
+
+
+def scale_by_factored_second_moment(
     b2: float | jax.Array = 0.999,
     eps1: float | jax.Array = 1e-30,
     *,
@@ -286,11 +306,13 @@ def scale_by_factored_rms(
     factored_dims: FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
 ) -> optax.GradientTransformation:
-    r"""Scales updates by the inverse root of a factored second-moment estimate.
+    r"""Scales updates by the inverse root of CAME's factored second moment.
 
-    CAME's first stage (Luo et al., 2023, Algorithm 1, lines 3-6), the same
-    preconditioner as Adafactor's. For each leaf with gradient :math:`g`, with
-    :math:`s = g^2 + \epsilon_1`:
+    CAME's first stage (Luo et al., 2023, Algorithm 1, lines 3-6), Adafactor's
+    preconditioner with a constant decay and no update clipping or relative step
+    (unlike ``optax.scale_by_factored_rms``, which is Adafactor's with its decay
+    schedule). For each leaf with gradient :math:`g`, with
+    :math:`s = |g|^2 + \epsilon_1`:
 
     * factored leaves (by default every leaf of rank >= 2, over its last two
       axes):
@@ -305,21 +327,21 @@ def scale_by_factored_rms(
 
     The output is :math:`u_t = g / \sqrt{V_t}`. The outer product is never
     formed. Statistics are kept in float32 whatever the gradient dtype (float64
-    for float64 leaves) and the output is in that dtype too.
+    for 64-bit leaves) and the output is float32 (complex64 for complex
+    gradients, whose statistics use :math:`|g|^2`, as ``optax.adam`` does).
 
     With ``debias=True`` (an option beyond the paper and came-pytorch)
     :math:`V_t` is replaced by :math:`V_t / (1 - \beta_2^t)`, as Adam corrects
     its second moment.
 
-    A leaf whose :math:`g^2` overflows float32 (some :math:`|g|` above about
-    1.8e19) is first multiplied by a power of two that brings its largest entry
-    to :math:`2^{50}`, where came-pytorch would produce NaN; below that nothing
-    changes.
+    A leaf whose :math:`|g|^2` overflows float32 (some :math:`|g|` above about
+    1.8e19) is first multiplied by :math:`2^{-80}`, where came-pytorch would
+    produce NaN; below that nothing changes.
 
     Args:
       b2: decay of the second-moment EMAs, in [0, 1). May be scheduled or
         injected.
-      eps1: added to :math:`g^2` before averaging, >= 0.
+      eps1: added to :math:`|g|^2` before averaging, >= 0.
       debias: divide the estimate by :math:`1-\beta_2^t`. Off in the reference.
       factored_dims: which axes to factor; see :func:`factored_axes`.
       min_dim_size_to_factor: minimum size of both factored axes; None (the
@@ -327,16 +349,16 @@ def scale_by_factored_rms(
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a
-      :class:`FactoredRmsState`.
+      :class:`FactoredSecondMomentState`.
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from came_optax import scale_by_factored_rms
-      >>> tx = optax.chain(scale_by_factored_rms(), optax.scale(-1e-3))
+      >>> from came_optax import scale_by_factored_second_moment
+      >>> tx = optax.chain(scale_by_factored_second_moment(), optax.scale(-1e-3))
       >>> params = {'w': jnp.ones((4, 3))}
       >>> updates, state = tx.update({'w': jnp.full((4, 3), 0.5)}, tx.init(params))
-      >>> updates['w'].shape
-      (4, 3)
+      >>> updates['w'].shape, state[0].v_row['w'].shape
+      ((4, 3), (4,))
 
     References:
       Luo et al., CAME: Confidence-guided Adaptive Memory Efficient
@@ -346,38 +368,42 @@ def scale_by_factored_rms(
     _checks.check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
     _checks.check_range("eps1", eps1, 0.0)
     check_factoring_args(factored_dims, min_dim_size_to_factor)
-
-    def leaf_axes(leaves):
-        return [factored_axes(jnp.shape(x), factored_dims, min_dim_size_to_factor) for x in leaves]
+    who = "scale_by_factored_second_moment"
 
     def init_fn(params):
-        leaves = jax.tree.leaves(params)
-        _checks.check_float_leaves(leaves, "parameters")
-        moments = [init_moments(x, a) for x, a in zip(leaves, leaf_axes(leaves), strict=True)]
-        rows, cols, fulls = (tuple(m) for m in zip(*moments, strict=True)) if moments else ((),) * 3
-        return FactoredRmsState(jnp.zeros([], jnp.int32), rows, cols, fulls)
+        _checks.check_param_leaves(params, who)
+        v_row, v_col, v = init_second_moment(params, factored_dims, min_dim_size_to_factor)
+        return FactoredSecondMomentState(jnp.zeros([], jnp.int32), v_row, v_col, v)
 
     def update_fn(updates, state, params=None):
         del params
-        leaves, treedef = jax.tree.flatten(updates)
-        axes = leaf_axes(leaves)
-        check_leaves(leaves, axes, state.v_row, state.v, "scale_by_factored_rms")
-        _checks.check_float_leaves(leaves, "updates")
+        paths, leaves, treedef = _checks.flatten_updates(updates, who)
+        axes = leaf_axes(leaves, factored_dims, min_dim_size_to_factor)
+        rows, cols, fulls = (
+            _layout.leaves_of(tree, len(leaves), name, who)
+            for tree, name in ((state.v_row, "v_row"), (state.v_col, "v_col"), (state.v, "v"))
+        )
+        _checks.check_stat_shapes(paths, leaves, axes, rows, fulls, who)
         count = optax.safe_increment(state.count)
-        correction = bias_correction(b2, count) if debias else None
-        outs, rows, cols, fulls = [], [], [], []
-        for g, row, col, full, a in zip(
-            leaves, state.v_row, state.v_col, state.v, axes, strict=True
-        ):
-            g = g.astype(compute_dtype(g.dtype))
-            square_means = lambda scale, g=g, a=a: moment_means(jnp.square(g * scale) + eps1, a)
-            scale, means = guard_overflow(g, square_means(1), square_means)
-            row, col, full = ema_moments(means, row, col, full, a, b2)
-            outs.append(scale_with(g * scale, rsqrt_factors(row, col, full, a, correction)))
-            rows.append(row)
-            cols.append(col)
-            fulls.append(full)
-        new_state = FactoredRmsState(count, tuple(rows), tuple(cols), tuple(fulls))
+
+        def step(sch, leaves, rows, cols, fulls):
+            outs, stats = [], []
+            for g, row, col, full, a in zip(leaves, rows, cols, fulls, axes, strict=True):
+                g = g.astype(compute_dtype(g.dtype))
+                correction = bias_correction(b2, count, stat_dtype(g.dtype)) if debias else None
+                factors, new = second_moment_step(g, row, col, full, a, b2, eps1, correction, sch)
+                outs.append(apply_factors(g, factors, a))
+                stats.append(new)
+            return outs, stats
+
+        outs, stats = _schedule.run(step, leaves, rows, cols, fulls)
+        new_rows, new_cols, new_fulls = _layout.unzip(stats, 3)
+        new_state = FactoredSecondMomentState(
+            count,
+            _layout.like(state.v_row, new_rows),
+            _layout.like(state.v_col, new_cols),
+            _layout.like(state.v, new_fulls),
+        )
         return jax.tree.unflatten(treedef, outs), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -151,9 +151,9 @@ def state_shardings(
       >>> specs = {'w': P('data', 'model'), 'b': P('model')}
       >>> tx = came_optax.came(learning_rate=1e-3)
       >>> state_specs = came_optax.state_shardings(tx, params, specs)
-      >>> state_specs[0].v_row, state_specs[0].v_col   # row and column statistics
-      ((None, P('data',)), (None, P('model',)))
-      >>> state_specs[2].mu['w']                        # momentum
+      >>> state_specs[0].v_row['w'], state_specs[0].v_col['w']   # row and column statistics
+      (P('data',), P('model',))
+      >>> state_specs[0].mu['w']                                 # momentum
       P('data', 'model')
 
       With a mesh, pass arrays placed by ``NamedSharding`` and get

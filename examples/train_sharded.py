@@ -197,12 +197,12 @@ for device in mesh.devices.flat:
 predicted = came_optax.state_shardings(tx, params)
 for got, want in zip(arrays(opt_state), jax.tree.leaves(predicted), strict=True):
     assert got.sharding.is_equivalent_to(want, got.ndim), (got.sharding, want)
-# One kernel's state: CAME's statistics are tuples in jax.tree.leaves order.
-leaf_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-i = leaf_paths.index("['blocks'][0]['up']['kernel'].value")
+# One kernel's state: every statistic is a tree with the parameters' structure.
+came_state = opt_state[0]
 kernel = model.blocks[0].up.kernel[...]
-mu = opt_state[2].mu["blocks"][0]["up"]["kernel"][...]
-row, col = opt_state[0].v_row[i][...], opt_state[0].v_col[i][...]
+mu = came_state.mu["blocks"][0]["up"]["kernel"][...]
+row = came_state.v_row["blocks"][0]["up"]["kernel"][...]
+col = came_state.v_col["blocks"][0]["up"]["kernel"][...]
 print(f"\nblocks[0].up.kernel {kernel.shape} sharded {kernel.sharding.spec}:")
 print(f"  momentum         {mu.shape} sharded {mu.sharding.spec}")
 print(f"  row statistic    {row.shape} sharded {row.sharding.spec}")

@@ -113,7 +113,7 @@ def main(process_id, num_processes, port, out_path):
     with jax.set_mesh(mesh):
         params, opt_state = train(params, x, y, shardings, batch_sharding)
     # The state really is split across processes: no process holds all of a momentum.
-    mu = opt_state[2].mu["w1"]
+    mu = opt_state[0].mu["w1"]
     assert not mu.is_fully_addressable and not mu.sharding.is_fully_replicated
     gathered = multihost_utils.process_allgather(params, tiled=True)
     if process_id == 0:

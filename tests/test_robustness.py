@@ -159,9 +159,8 @@ def test_without_a_guard_one_bad_gradient_poisons_its_leaf_for_good(bad):
         if t >= 1:
             assert np.isnan(np.asarray(updates["w"])).all()
             assert np.isfinite(np.asarray(updates["b"])).all()
-    w_index = sorted(SHAPES).index("w")  # dict leaves come in sorted key order
-    assert not np.isfinite(np.asarray(state[0].v_row[w_index])).all()
-    assert np.isnan(np.asarray(state[2].mu["w"])).all()
+    assert not np.isfinite(np.asarray(state[0].v_row["w"])).all()
+    assert np.isnan(np.asarray(state[0].mu["w"])).all()
     with np.errstate(invalid="ignore", divide="ignore"):
         numpy_params = reference_numpy.came_numpy(
             {k: np.asarray(v) for k, v in _params(SHAPES).items()}, g, learning_rate=LR

@@ -47,24 +47,30 @@ def same_spec(a, b, ndim):
     return tuple(a) + (None,) * (ndim - len(a)) == tuple(b) + (None,) * (ndim - len(b))
 
 
-def assert_came_specs(factored, confidence, params, specs, factoring=None):
+def assert_came_specs(state, params, specs, factoring=None):
+    """``state``: the specs of a ScaleByCameState for ``params`` sharded by ``specs``."""
     factoring = factoring or {}
     leaves = jax.tree.leaves(params)
     leaf_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    mus = jax.tree.leaves(confidence.mu, is_leaf=lambda x: isinstance(x, P))
-    assert factored.count == P() and confidence.count == P()
+    fields = {
+        f: jax.tree.leaves(getattr(state, f), is_leaf=lambda x: isinstance(x, P))
+        for f in ("mu", "v_row", "v_col", "v", "r_row", "r_col")
+    }
+    assert state.count == P()
     for i, (leaf, spec) in enumerate(zip(leaves, leaf_specs, strict=True)):
         ndim = leaf.ndim
-        assert same_spec(mus[i], spec, ndim)
+        assert same_spec(fields["mu"][i], spec, ndim)
         axes = came_optax.factored_axes(leaf.shape, **factoring)
         if axes is None:
-            assert factored.v_row[i] is None and confidence.r_row[i] is None
-            assert same_spec(factored.v[i], spec, ndim)
+            for f in ("v_row", "v_col", "r_row", "r_col"):
+                assert same_spec(fields[f][i], P(), 1), (f, i)  # a replicated placeholder
+            assert same_spec(fields["v"][i], spec, ndim)
             continue
         row_axis, col_axis = axes
-        for stat in (factored.v_row[i], confidence.r_row[i]):
+        assert same_spec(fields["v"][i], P(), 1)
+        for stat in (fields["v_row"][i], fields["r_row"][i]):
             assert same_spec(stat, reduced(spec, ndim, col_axis), ndim - 1), (i, stat)
-        for stat in (factored.v_col[i], confidence.r_col[i]):
+        for stat in (fields["v_col"][i], fields["r_col"][i]):
             assert same_spec(stat, reduced(spec, ndim, row_axis), ndim - 1), (i, stat)
 
 
@@ -77,7 +83,7 @@ def test_came_state_specs_drop_the_averaged_axis(factoring):
     tx = came_optax.came(1e-3, **factoring)
     specs = state_shardings(tx, PARAMS, SPECS)
     assert jax.tree.structure(specs) == jax.tree.structure(jax.eval_shape(tx.init, PARAMS))
-    assert_came_specs(specs[0], specs[2], PARAMS, SPECS, factoring)
+    assert_came_specs(specs[0], PARAMS, SPECS, factoring)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
@@ -97,20 +103,20 @@ def test_any_shape_and_spec(shape, names, factored_dims):
     params, specs = {"x": jnp.zeros(shape)}, {"x": P(*entries)}
     factoring = {"factored_dims": factored_dims}
     state = state_shardings(came_optax.came(1e-3, **factoring), params, specs)
-    assert_came_specs(state[0], state[2], params, specs, factoring)
+    assert_came_specs(state[0], params, specs, factoring)
 
 
 def test_logical_axis_names_pass_through():
     params = {"kernel": jnp.zeros((6, 10))}
     specs = {"kernel": P("embed", ("heads", "kv"))}
     state = state_shardings(came_optax.came(1e-3), params, specs)
-    assert state[0].v_row == (P("embed"),)
-    assert state[0].v_col == (P(("heads", "kv")),)
-    assert state[2].mu["kernel"] == P("embed", ("heads", "kv"))
+    assert state[0].v_row == {"kernel": P("embed")}
+    assert state[0].v_col == {"kernel": P(("heads", "kv"))}
+    assert state[0].mu["kernel"] == P("embed", ("heads", "kv"))
 
 
 def _is_came_state(x):
-    return isinstance(x, (came_optax.FactoredRmsState, came_optax.ConfidenceState))
+    return isinstance(x, came_optax.ScaleByCameState)
 
 
 def _is_spec(x):
@@ -132,8 +138,8 @@ def test_chains_with_came_inside(make_tx):
     specs = state_shardings(tx, PARAMS, SPECS)
     assert jax.tree.structure(specs) == jax.tree.structure(jax.eval_shape(tx.init, PARAMS))
     came_states = [x for x in jax.tree.leaves(specs, is_leaf=_is_came_state) if _is_came_state(x)]
-    assert len(came_states) == 2
-    assert_came_specs(*came_states, PARAMS, SPECS)
+    assert len(came_states) == 1
+    assert_came_specs(came_states[0], PARAMS, SPECS)
     # Outside CAME's states: counts and hyperparameters are replicated, and
     # parameter-shaped trees (MultiSteps' accumulated gradients) follow the parameters.
     rest = jax.tree.leaves(
@@ -152,12 +158,13 @@ def test_multi_transform_with_adam_for_some_leaves():
     assert adam.count == P()
     assert adam.mu["b"] == adam.nu["b"] == P("model")
     assert isinstance(adam.mu["w"], optax.MaskedNode)
-    factored, _, confidence = specs.inner_states["came"].inner_state[:3]
-    # The masked CAME state holds the statistics of 'conv' and 'w' only (tree order).
-    assert factored.v_row == (reduced(SPECS["conv"], 4, 3), P("data"))
-    assert factored.v_col == (reduced(SPECS["conv"], 4, 2), P("model"))
-    assert confidence.mu["w"] == SPECS["w"]
-    assert isinstance(confidence.mu["b"], optax.MaskedNode)
+    came = specs.inner_states["came"].inner_state[0]
+    # The masked CAME state holds the statistics of 'conv' and 'w' only.
+    assert came.v_row["conv"] == reduced(SPECS["conv"], 4, 3) and came.v_row["w"] == P("data")
+    assert came.v_col["conv"] == reduced(SPECS["conv"], 4, 2) and came.v_col["w"] == P("model")
+    assert came.mu["w"] == SPECS["w"]
+    assert isinstance(came.mu["b"], optax.MaskedNode)
+    assert isinstance(came.v_row["b"], optax.MaskedNode)
 
 
 def test_other_optax_states_follow_their_params():
@@ -175,7 +182,7 @@ def test_named_shardings_in_named_shardings_out():
     for leaf in jax.tree.leaves(shardings):
         assert isinstance(leaf, NamedSharding) and leaf.mesh == mesh
     specs = jax.tree.map(lambda s: s.spec, shardings)
-    assert_came_specs(specs[0], specs[2], PARAMS, SPECS)
+    assert_came_specs(specs[0], PARAMS, SPECS)
     assert shardings[0].count == NamedSharding(mesh, P())
     # The same from ShapeDtypeStructs, and usable as out_shardings of jit(init).
     abstract = jax.tree.map(
@@ -183,7 +190,7 @@ def test_named_shardings_in_named_shardings_out():
     )
     assert state_shardings(tx, abstract) == shardings
     state = jax.jit(tx.init, out_shardings=shardings)(params)
-    assert state[2].mu["w"].sharding == shardings[2].mu["w"]
+    assert state[0].mu["w"].sharding == shardings[0].mu["w"]
 
 
 def test_single_device_arrays_give_their_sharding():
@@ -200,9 +207,9 @@ def test_jit_init_keeps_the_reference_values():
     params = {"w": jnp.full((5, 3), jnp.inf, jnp.bfloat16), "v": jnp.full(3, jnp.nan)}
     tx = came_optax.came(1e-3)
     for state in (tx.init(params), jax.jit(tx.init)(params)):
-        factored, _, confidence = state[:3]
-        assert factored.v_row[1].shape == (5,) and factored.v_col[1].shape == (3,)
-        assert factored.v_row[1].dtype == jnp.float32
+        came = state[0]
+        assert came.v_row["w"].shape == (5,) and came.v_col["w"].shape == (3,)
+        assert came.v_row["w"].dtype == jnp.float32
         for leaf in jax.tree.leaves(state):
             assert not np.any(np.asarray(leaf, np.float32)), leaf
 
