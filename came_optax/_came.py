@@ -52,41 +52,41 @@ class ScaleByCameState(NamedTuple):
     r_col: optax.Params
 
 
-def clip_divisor(u_fn: Callable[[], jax.Array], threshold: Any, sch: _schedule.Schedule):
+def clip_divisor(u_fn: Callable[[str], jax.Array], threshold: Any):
     r"""``optax.clip_by_block_rms``'s divisor :math:`\max(1, \operatorname{RMS}(u) / d)`."""
-    rms = jnp.sqrt(sch.mean(_factored.abs_square(u_fn()), None))
+    rms = jnp.sqrt(_schedule.mean(_factored.abs_square(u_fn("clip")), None))
     return jnp.maximum(1.0, rms / threshold)
 
 
-def _recomputed_update(g, r, c, axes, sch) -> Callable[[], jax.Array]:
+def _recomputed_update(g, r, c, axes) -> Callable[[str], jax.Array]:
     """The stage-1 output ``outer(g, r, c)``, recomputed by each consumer."""
 
-    def u_fn() -> jax.Array:
-        g_, r_, c_ = sch.fresh((g, r, c))
+    def u_fn(consumer: str) -> jax.Array:
+        g_, r_, c_ = _schedule.fresh((g, r, c), consumer)
         return _factored.outer(g_, r_, c_, axes)
 
     return u_fn
 
 
-def _leaf_step(sch, g, mu, row, col, full, r_row, r_col, axes, hp, corrections):
+def _leaf_step(g, mu, row, col, full, r_row, r_col, axes, hp, corrections):
     """One leaf of :func:`scale_by_came`: returns ``(out, m, stats...)``."""
     c2, c1, c3 = corrections
     factors, (row, col, full) = _factored.second_moment_step(
-        g, row, col, full, axes, hp["b2"], hp["eps1"], c2, sch
+        g, row, col, full, axes, hp["b2"], hp["eps1"], c2
     )
     clip = hp["clip_threshold"]
     if axes is None:
         u = _factored.apply_factors(g, factors, None)
         if clip is not None:
-            u = u / clip_divisor(lambda: u, clip, sch)
-        u_fn = lambda: u
+            u = u / clip_divisor(lambda consumer: u, clip)
+        u_fn = lambda consumer: u
     else:
         r, c = factors
         if clip is not None:
-            r = r / clip_divisor(_recomputed_update(g, r, c, axes, sch), clip, sch)
-        u_fn = _recomputed_update(g, r, c, axes, sch)
+            r = r / clip_divisor(_recomputed_update(g, r, c, axes), clip)
+        u_fn = _recomputed_update(g, r, c, axes)
     out, m, r_row, r_col = _confidence.confidence_step(
-        u_fn, mu, r_row, r_col, axes, hp["b1"], hp["b3"], hp["eps2"], (c1, c3), sch
+        u_fn, mu, r_row, r_col, axes, hp["b1"], hp["b3"], hp["eps2"], (c1, c3)
     )
     if hp["cautious"]:
         out = out * _cautious.cautious_factor(out, g, CAUTIOUS_FLOOR)
@@ -212,12 +212,11 @@ def came_transformation(
                 return (None, None, None)
             return tuple(_factored.bias_correction(hp[b], count, dtype) for b in ("b2", "b1", "b3"))
 
-        def step(sch, leaves, mus, *stats):
+        def step(leaves, mus, *stats):
             results = []
             for g, mu, *leaf_stats, a in zip(leaves, mus, *stats, axes, strict=True):
                 g = g.astype(_factored.compute_dtype(g.dtype))
                 out, m, *new_stats = _leaf_step(
-                    sch,
                     g,
                     mu.astype(g.dtype),
                     *leaf_stats,
@@ -228,7 +227,7 @@ def came_transformation(
                 results.append((out, m.astype(mu.dtype), *new_stats))
             return _layout.unzip(results, 7)
 
-        outs, new_mus, *new_stats = _schedule.run(step, leaves, mus, *stats)
+        outs, new_mus, *new_stats = step(leaves, mus, *stats)
         new_state = ScaleByCameState(
             count,
             jax.tree.unflatten(treedef, new_mus),

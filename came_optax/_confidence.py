@@ -41,7 +41,7 @@ class ConfidenceState(NamedTuple):
 
 
 def confidence_step(
-    u_fn: Callable[[], jax.Array],
+    u_fn: Callable[[str], jax.Array],
     mu: jax.Array,
     r_row: jax.Array,
     r_col: jax.Array,
@@ -50,26 +50,25 @@ def confidence_step(
     b3: Any,
     eps2: Any,
     corrections: tuple[Any, Any],
-    sch: _schedule.Schedule,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One leaf's momentum and confidence scaling; returns ``(out, m, r_row, r_col)``.
 
-    ``u_fn()`` gives the incoming update for each full-size consumer, so that a
+    ``u_fn(consumer)`` gives the incoming update for each full-size consumer, so that a
     caller may recompute it from the gradient instead of storing it. ``mu`` is
     in the compute dtype; ``corrections`` are the momentum's and the
     instability's bias corrections, or None.
     """
     c1, c3 = corrections
-    m = b1 * mu + (1.0 - b1) * u_fn()
+    m = b1 * mu + (1.0 - b1) * u_fn("momentum")
     if axes is None:
         return (m if c1 is None else m / c1), m, r_row, r_col
 
-    def instability() -> jax.Array:
-        return _factored.abs_square(u_fn() - sch.fresh(m))
+    def instability(consumer: str) -> jax.Array:
+        return _factored.abs_square(u_fn(consumer) - _schedule.fresh(m, consumer))
 
     row_axis, col_axis = axes
-    rows = sch.mean(instability(), col_axis) + eps2
-    cols = sch.mean(instability(), row_axis) + eps2
+    rows = _schedule.mean(instability("r_row"), col_axis) + eps2
+    cols = _schedule.mean(instability("r_col"), row_axis) + eps2
     r_row, r_col = _factored.ema(r_row, rows, b3), _factored.ema(r_col, cols, b3)
     s_r, s_c = _factored.inverse_root_vectors(r_row, r_col, axes, c3)
     if c1 is not None:
@@ -222,12 +221,12 @@ def scale_by_confidence(
                 return (None, None)
             return tuple(_factored.bias_correction(b, count, dtype) for b in (b1, b3))
 
-        def step(sch, leaves, mus, rows, cols):
+        def step(leaves, mus, rows, cols):
             results = []
             for u, mu, row, col, a in zip(leaves, mus, rows, cols, axes, strict=True):
                 u = u.astype(_factored.compute_dtype(u.dtype))
                 out, m, row, col = confidence_step(
-                    lambda u=u: sch.fresh(u),
+                    lambda consumer, u=u: _schedule.fresh(u, consumer),
                     mu.astype(u.dtype),
                     row,
                     col,
@@ -236,12 +235,11 @@ def scale_by_confidence(
                     b3,
                     eps2,
                     corrections(_factored.stat_dtype(u.dtype)),
-                    sch,
                 )
                 results.append((out, m.astype(mu.dtype), row, col))
             return _layout.unzip(results, 4)
 
-        outs, new_mus, new_rows, new_cols = _schedule.run(step, leaves, mus, rows, cols)
+        outs, new_mus, new_rows, new_cols = step(leaves, mus, rows, cols)
         new_state = ConfidenceState(
             count,
             jax.tree.unflatten(treedef, new_mus),

@@ -205,16 +205,14 @@ def outer(x: jax.Array, r: jax.Array, c: jax.Array, axes: tuple[int, int]) -> ja
     return (jnp.expand_dims(r, col_axis) * jnp.expand_dims(c, row_axis)) * x
 
 
-def factored_means(
-    x: jax.Array, axes: tuple[int, int], sch: _schedule.Schedule
-) -> tuple[jax.Array, jax.Array]:
+def factored_means(x: jax.Array, axes: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
     """Row and column means of a full-size ``x``, each consumer with its own inputs."""
     row_axis, col_axis = axes
-    return sch.mean(x, col_axis), sch.mean(x, row_axis)
+    return _schedule.mean(x, col_axis), _schedule.mean(x, row_axis)
 
 
 def second_moment_means(
-    g: jax.Array, axes: Axes, eps1: Any, sch: _schedule.Schedule
+    g: jax.Array, axes: Axes, eps1: Any
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     r"""This step's means of :math:`|s g|^2 + \epsilon_1` and the scale :math:`s`.
 
@@ -230,8 +228,9 @@ def second_moment_means(
             return (abs_square(g * row_scale) + eps1,)
         row_axis, col_axis = axes
         return (
-            sch.mean(abs_square(sch.fresh(g) * row_scale), col_axis) + eps1,
-            sch.mean(abs_square(sch.fresh(g) * col_scale), row_axis) + eps1,
+            # The first reduction reads g as it is, the second its own copy (see _schedule).
+            _schedule.mean(abs_square(g * row_scale), col_axis) + eps1,
+            _schedule.mean(abs_square(_schedule.fresh(g, "v_col") * col_scale), row_axis) + eps1,
         )
 
     plain = means(1.0, 1.0)
@@ -242,7 +241,7 @@ def second_moment_means(
     rescale, row_scale, col_scale = jax.lax.optimization_barrier(
         (jnp.asarray(2.0**OVERFLOW_EXPONENT, g.real.dtype),) * 3
     )
-    return sch.overflow_guard(
+    return _schedule.overflow_guard(
         finite,
         lambda: (one, plain),
         lambda: (rescale, means(row_scale, col_scale)),
@@ -258,7 +257,6 @@ def second_moment_step(
     b2: Any,
     eps1: Any,
     correction: Any,
-    sch: _schedule.Schedule,
 ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array, jax.Array]]:
     """Folds one gradient into a leaf's second moment.
 
@@ -267,7 +265,7 @@ def second_moment_step(
     stage's output is ``g * factors[0]`` (unfactored) or
     ``outer(g, *factors, axes)`` (factored).
     """
-    scale, means = second_moment_means(g, axes, eps1, sch)
+    scale, means = second_moment_means(g, axes, eps1)
     if axes is None:
         full = ema(full, means[0], b2)
         v_hat = full if correction is None else full / correction
@@ -386,17 +384,17 @@ def scale_by_factored_second_moment(
         _checks.check_stat_shapes(paths, leaves, axes, rows, fulls, who)
         count = optax.safe_increment(state.count)
 
-        def step(sch, leaves, rows, cols, fulls):
+        def step(leaves, rows, cols, fulls):
             outs, stats = [], []
             for g, row, col, full, a in zip(leaves, rows, cols, fulls, axes, strict=True):
                 g = g.astype(compute_dtype(g.dtype))
                 correction = bias_correction(b2, count, stat_dtype(g.dtype)) if debias else None
-                factors, new = second_moment_step(g, row, col, full, a, b2, eps1, correction, sch)
+                factors, new = second_moment_step(g, row, col, full, a, b2, eps1, correction)
                 outs.append(apply_factors(g, factors, a))
                 stats.append(new)
             return outs, stats
 
-        outs, stats = _schedule.run(step, leaves, rows, cols, fulls)
+        outs, stats = step(leaves, rows, cols, fulls)
         new_rows, new_cols, new_fulls = _layout.unzip(stats, 3)
         new_state = FactoredSecondMomentState(
             count,
