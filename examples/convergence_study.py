@@ -1,16 +1,23 @@
-"""Learning-rate sweeps of CAME, CAME with ``debias=True``, AdamW and Adafactor.
+"""Learning-rate sweeps of CAME, CAME with ``debias=True``, AdamW, Adafactor and cautious forms.
 
-On both examples, ``train_lm.py`` (byte-level GPT) and ``train_cnn.py`` (digits CNN),
+The cautious forms are ``came-debias-cautious`` (``came(..., debias=True, cautious=True)``)
+and ``adamw-cautious`` (``optax.adamw`` with its Adam stage wrapped in
+``came_optax.cautious``); each sweeps the grid of the optimizer it wraps. On both
+examples, ``train_lm.py`` (byte-level GPT) and ``train_cnn.py`` (digits CNN),
 each optimizer trains at every learning rate of its grid for every seed; the study
 then prints, per task, the best peak learning rate of each optimizer by mean final
 validation loss, the whole sweep, and the run time, and writes a plot. One command
-reproduces it (18-22 minutes on two CPU cores)::
+runs it::
 
   python examples/convergence_study.py
 
-The examples run as subprocesses with their own flags and write JSON, which this
-script reads back; ``--steps``, ``--seeds``, ``--tasks`` and ``--optimizers`` shrink
-or grow the study.
+The four optimizers without a cautious form take 18-22 minutes on two CPU cores; each
+cautious form adds about as long as the optimizer it wraps. The examples run as
+subprocesses with their own flags and write JSON, which this script reads back;
+``--steps``, ``--seeds``, ``--tasks`` and ``--optimizers`` shrink or grow the study,
+for example::
+
+  python examples/convergence_study.py --tasks=cnn --optimizers=adamw,adamw-cautious
 """
 
 from __future__ import annotations
@@ -24,17 +31,15 @@ import subprocess
 import sys
 import time
 
+import _harness as harness
 import jax
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 # --------------------------------------------------------------------------- config
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent
-OPTIMIZERS = ("came", "came-debias", "adamw", "adafactor")
+OPTIMIZERS = tuple(harness.OPTIMIZERS)
 
 # Peak learning rates on a 1-2-5 log grid around each optimizer's optimum (found with
 # a wider, one-seed sweep); the tables flag a best value that lands on a grid edge.
@@ -52,6 +57,10 @@ GRIDS = {
         "adafactor": (1e-2, 2e-2, 5e-2, 1e-1, 2e-1),
     },
 }
+# A cautious form sweeps the grid of the optimizer it wraps.
+for grids in GRIDS.values():
+    grids["came-debias-cautious"] = grids["came-debias"]
+    grids["adamw-cautious"] = grids["adamw"]
 SCRIPTS = {"lm": "train_lm.py", "cnn": "train_cnn.py"}
 LOSS_NAME = {"lm": "valid loss (nats/byte)", "cnn": "test loss"}
 TITLES = {"lm": "byte-level GPT (train_lm.py)", "cnn": "digits CNN (train_cnn.py)"}
@@ -66,7 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--out", default="runs/convergence_study", help="directory for results")
     p.add_argument("--no-progress", action="store_true", help="hide the examples' bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, names, known in (
+        ("tasks", args.tasks, SCRIPTS),
+        ("optimizers", args.optimizers, OPTIMIZERS),
+    ):
+        for name in names.split(","):
+            if name not in known:
+                p.error(f"--{flag}: unknown {name!r}; choose from {', '.join(known)}")
+    return args
 
 
 # ---------------------------------------------------------------------------- sweep
@@ -156,9 +173,10 @@ def print_tables(task: str, rows: list[dict], minutes: float) -> None:
         print(f"| {r['optimizer']} | " + " | ".join(cells) + " |")
 
 
-def plot(results: dict, path: pathlib.Path) -> None:
+def plot(results: dict) -> Figure:
     """Final loss against peak learning rate (seed mean, min-max bars), one panel per task."""
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(results), 4.5))
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (task, rows) in zip(axes[0], results.items(), strict=True):
         finite = []
         for i, r in enumerate(rows):
@@ -176,9 +194,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
         ax.set_title(TITLES[task])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,15 +220,12 @@ def main(argv: list[str] | None = None) -> None:
         print_tables(task, rows, minutes[task])
     total = (time.perf_counter() - start) / 60
     print(f"\nThe whole study took {total:.1f} min on {machine}.")
-    out.mkdir(parents=True, exist_ok=True)
-    plot(results, out / "convergence_study.png")
     summary = dict(machine=machine, args=vars(args), minutes=minutes, total_minutes=total)
     summary["results"] = {
         task: [dict(r, by_lr={f"{lr:g}": v for lr, v in r["by_lr"].items()}) for r in rows]
         for task, rows in results.items()
     }
-    (out / "convergence_study.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out / 'convergence_study.png'} and {out / 'convergence_study.json'}")
+    harness.save(plot(results), summary, out, "convergence_study", indent=1)
 
 
 if __name__ == "__main__":

@@ -11,55 +11,44 @@ of the test curves. It takes under a minute on two CPU cores::
 
   python examples/train_cnn.py
 
-``--optimizers`` also accepts ``adafactor``; every ``--lr-*`` flag takes a
-comma-separated list and ``--seeds`` a list of seeds, for the learning-rate sweeps of
-``examples/convergence_study.py``.
+``--optimizers`` also accepts ``adafactor`` and the cautious forms (Liang et al., 2024)
+``came-debias-cautious`` and ``adamw-cautious``, which start at their base optimizer's
+learning rate; every ``--lr-*`` flag takes a comma-separated list and ``--seeds`` a list
+of seeds, for the learning-rate sweeps of ``examples/convergence_study.py``. The
+optimizers, the sweep and the report files come from ``_harness.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import time
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 from flax import nnx
+from matplotlib.figure import Figure
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
-
-import came_optax
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 # --------------------------------------------------------------------------- config
 
 # Peak learning rates, each the best of a sweep at the default size
-# (examples/convergence_study.py; 1000 steps, 2 seeds).
+# (examples/convergence_study.py; 1000 steps, 2 seeds). A cautious form starts at the
+# rate of the optimizer it wraps.
 TUNED_LR = {"came": 2e-3, "came-debias": 2e-2, "adamw": 5e-2, "adafactor": 1e-1}
+TUNED_LR |= {"came-debias-cautious": TUNED_LR["came-debias"], "adamw-cautious": TUNED_LR["adamw"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Reads the command line; every default is the configuration reported in the README."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--optimizers", default="came,came-debias,adamw", help="comma-separated")
-    for name, lr in TUNED_LR.items():
-        p.add_argument(f"--lr-{name}", default=str(lr), help="peak lr, or a comma list")
-    p.add_argument("--seeds", default="0", help="comma-separated")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
+    p = harness.sweep_parser(
+        __doc__, TUNED_LR, optimizers="came,came-debias,adamw", out="runs/train_cnn"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=16, help="of the first conv; doubled after")
-    p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--out", default="runs/train_cnn", help="directory for the PNG and JSON")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
 
@@ -94,31 +83,6 @@ class CNN(nnx.Module):
         x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
         x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
         return self.readout(x)
-
-
-def make_optimizer(name: str, lr: float, args: argparse.Namespace) -> optax.GradientTransformation:
-    """The optimizer ``name`` with a linear warm-up to ``lr`` and a cosine decay to ``lr / 10``.
-
-    AdamW and CAME decay the kernels (not the biases); ``optax.adafactor`` keeps its
-    defaults except that it factors any kernel, as CAME does.
-    """
-    warmup_steps = max(1, int(args.warmup * args.steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps, args.steps, end_value=lr / 10
-    )
-
-    def decay_mask(params):
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-    if name in ("came", "came-debias"):
-        return came_optax.came(
-            schedule, weight_decay=args.weight_decay, mask=decay_mask, debias=name == "came-debias"
-        )
-    if name == "adamw":
-        return optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
-    if name == "adafactor":
-        return optax.adafactor(schedule, min_dim_size_to_factor=1)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(TUNED_LR)}")
 
 
 # ----------------------------------------------------------------------------- step
@@ -160,26 +124,24 @@ def train(name: str, lr: float, seed: int, args: argparse.Namespace, data: tuple
     """Trains one network with one optimizer; returns its curves and final numbers."""
     train_set, test_set = data
     model = CNN(args.channels, rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(name, lr, args), wrt=nnx.Param)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(optimizer.opt_state))
-    key = jax.random.key(seed)
+    optimizer = nnx.Optimizer(model, harness.make_optimizer(name, lr, args), wrt=nnx.Param)
+    key, timer = jax.random.key(seed), harness.StepTimer()
 
     curve = []
-    bar = tqdm(range(args.steps), desc=f"{name} lr={lr:g} seed={seed}", disable=args.no_progress)
+    bar = harness.progress(name, lr, seed, args, range(args.steps))
     for step in bar:
         batch_key = jax.random.fold_in(key, step)
         loss = train_step(model, optimizer, train_set, batch_key, args.batch_size)
         if step == 0:  # the first call compiles: time the steps after it
             loss.block_until_ready()
-            start, eval_time = time.perf_counter(), 0.0
+            timer.start()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             loss.block_until_ready()
-            eval_start = time.perf_counter()
-            test_loss, test_acc = (float(x) for x in evaluate(model, *test_set))
-            eval_time += time.perf_counter() - eval_start
+            with timer.paused():
+                test_loss, test_acc = (float(x) for x in evaluate(model, *test_set))
             curve.append((step + 1, test_loss, test_acc))
             bar.set_postfix(test_loss=f"{test_loss:.3f}", acc=f"{test_acc:.3f}")
-    train_time = time.perf_counter() - start - eval_time
+    step_ms = timer.ms_per_step(args.steps - 1)
     return dict(
         optimizer=name,
         lr=lr,
@@ -188,71 +150,37 @@ def train(name: str, lr: float, seed: int, args: argparse.Namespace, data: tuple
         train_loss=float(evaluate(model, *train_set)[0]),
         valid_loss=curve[-1][1],
         accuracy=curve[-1][2],
-        state_bytes=int(state_bytes),
-        step_ms=1000 * train_time / max(args.steps - 1, 1),
+        state_bytes=harness.state_bytes(optimizer.opt_state),
+        step_ms=step_ms,
     )
 
 
 # --------------------------------------------------------------------------- report
 
-
-def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (optimizer, lr): means and spreads over seeds, in run order."""
-    groups = {}
-    for run in runs:
-        groups.setdefault((run["optimizer"], run["lr"]), []).append(run)
-    table = []
-    for (name, lr), group in groups.items():
-        mean = {k: float(np.mean([r[k] for r in group])) for k in ("train_loss", "accuracy")}
-        test = np.array([r["valid_loss"] for r in group])
-        table.append(
-            dict(
-                optimizer=name,
-                lr=lr,
-                seeds=len(group),
-                valid_loss=float(test.mean()),
-                valid_std=float(test.std()),
-                state_bytes=group[0]["state_bytes"],
-                step_ms=float(np.median([r["step_ms"] for r in group])),
-                **mean,
-            )
-        )
-    return table
+# The table's columns after optimizer and peak lr; with several seeds, test loss is mean ± std.
+COLUMNS = {
+    "train loss": lambda r: f"{r['train_loss']:.4f}",
+    "test loss": lambda r: f"{r['valid_loss']:.4f}{harness.spread(r)}",
+    "test acc.": lambda r: f"{100 * r['accuracy']:.1f}%",
+    "state bytes": lambda r: f"{r['state_bytes']:,}",
+    "step ms": lambda r: f"{r['step_ms']:.2f}",
+}
 
 
-def print_table(table: list[dict]) -> None:
-    """A markdown table; with several seeds, test loss is mean ± std."""
-    print("| optimizer | peak lr | train loss | test loss | test acc. | state bytes | step ms |")
-    print("|---|---|---|---|---|---|---|")
-    for r in table:
-        spread = f" ± {r['valid_std']:.3f}" if r["seeds"] > 1 else ""
-        print(
-            f"| {r['optimizer']} | {r['lr']:g} | {r['train_loss']:.4f} | "
-            f"{r['valid_loss']:.4f}{spread} | {100 * r['accuracy']:.1f}% | "
-            f"{r['state_bytes']:,} | {r['step_ms']:.2f} |"
-        )
-
-
-def plot(runs: list[dict], path: pathlib.Path) -> None:
+def plot(runs: list[dict]) -> Figure:
     """Test loss and accuracy against step: a colour per optimizer, darker for higher lrs."""
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    groups = {}
-    for run in runs:
-        groups.setdefault(run["optimizer"], {}).setdefault(run["lr"], []).append(run)
-    for i, (name, by_lr) in enumerate(groups.items()):
-        for k, (lr, group) in enumerate(sorted(by_lr.items())):
-            style = dict(color=f"C{i % 10}", alpha=(k + 1) / len(by_lr), label=f"{name} lr={lr:g}")
-            curve = np.mean([r["curve"] for r in group], axis=0)
-            loss_ax.plot(curve[:, 0], curve[:, 1], **style)
-            acc_ax.plot(curve[:, 0], 100 * curve[:, 2], **style)
+    fig = Figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for name, lr, group, style in harness.curves(runs):
+        curve = np.mean([r["curve"] for r in group], axis=0)
+        loss_ax.plot(curve[:, 0], curve[:, 1], label=f"{name} lr={lr:g}", **style)
+        acc_ax.plot(curve[:, 0], 100 * curve[:, 2], label=f"{name} lr={lr:g}", **style)
     loss_ax.set(xlabel="step", ylabel="test loss", yscale="log", title="digits CNN: test loss")
     acc_ax.set(xlabel="step", ylabel="test accuracy (%)", ylim=(90, 100), title="test accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=7, ncol=1 + len(runs) // 8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,23 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(data[0][1])} train / {len(data[1][1])} test images"
     )
 
-    runs = []
-    for name in args.optimizers.split(","):
-        lrs = getattr(args, "lr_" + name.replace("-", "_"), None)
-        if lrs is None:
-            raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(TUNED_LR)}")
-        for lr in [float(x) for x in lrs.split(",")]:
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                runs.append(train(name, lr, seed, args, data))
-
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = summarise(runs)
-    print_table(table)
-    plot(runs, out / "train_cnn.png")
+    runs = [train(name, lr, seed, args, data) for name, lr, seed in harness.grid(args)]
+    table = harness.summarise(runs, means=("train_loss", "accuracy"))
+    harness.print_table(table, COLUMNS)
     report = dict(device=device, args=vars(args), table=table, runs=runs)
-    (out / "train_cnn.json").write_text(json.dumps(report))
-    print(f"wrote {out / 'train_cnn.png'} and {out / 'train_cnn.json'}")
+    harness.save(plot(runs), report, args.out, "train_cnn")
 
 
 if __name__ == "__main__":

@@ -20,56 +20,45 @@ sweep them again at another), for example::
 Every ``--lr-*`` flag takes a comma-separated list and ``--seeds`` a list of seeds:
 the script then trains every (optimizer, learning rate, seed) and reports the mean
 over seeds. ``examples/convergence_study.py`` uses this for its learning-rate sweeps.
+``--optimizers`` also accepts the cautious forms (Liang et al., 2024) ``came-debias-cautious``
+(``came(..., debias=True, cautious=True)``) and ``adamw-cautious`` (``optax.adamw`` with
+its Adam stage wrapped in ``came_optax.cautious``); they start at their base optimizer's
+learning rate. The optimizers, the sweep and the report files come from ``_harness.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import time
 
+import _harness as harness
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
-
-import came_optax
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 # --------------------------------------------------------------------------- config
 
 # Peak learning rates, each the best of a sweep at the default size
-# (examples/convergence_study.py; 1000 steps, 2 seeds).
+# (examples/convergence_study.py; 1000 steps, 2 seeds). A cautious form starts at the
+# rate of the optimizer it wraps.
 TUNED_LR = {"came": 1e-3, "came-debias": 5e-3, "adamw": 1e-2, "adafactor": 5e-2}
+TUNED_LR |= {"came-debias-cautious": TUNED_LR["came-debias"], "adamw-cautious": TUNED_LR["adamw"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Reads the command line; every default is the configuration reported in the README."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--optimizers", default="came,came-debias,adamw,adafactor", help="comma-separated"
+    p = harness.sweep_parser(
+        __doc__, TUNED_LR, optimizers="came,came-debias,adamw,adafactor", out="runs/train_lm"
     )
-    for name, lr in TUNED_LR.items():
-        p.add_argument(f"--lr-{name}", default=str(lr), help="peak lr, or a comma list")
-    p.add_argument("--seeds", default="0", help="comma-separated")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=50, help="steps per jitted call")
     p.add_argument("--eval-every", type=int, default=250, help="a multiple of --log-every")
-    p.add_argument("--out", default="runs/train_lm", help="directory for the PNG and JSON")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
 
@@ -146,32 +135,6 @@ class GPT(nnx.Module):
         return self.readout(self.norm(x))
 
 
-def make_optimizer(name: str, lr: float, args: argparse.Namespace) -> optax.GradientTransformation:
-    """The optimizer ``name`` with a linear warm-up to ``lr`` and a cosine decay to ``lr / 10``.
-
-    AdamW and CAME decay the weights of matrices and embeddings (not biases or norms);
-    ``optax.adafactor`` keeps its defaults except that it factors any matrix, as CAME
-    does, instead of only those with both sides >= 128.
-    """
-    warmup_steps = max(1, int(args.warmup * args.steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps, args.steps, end_value=lr / 10
-    )
-
-    def decay_mask(params):
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-    if name in ("came", "came-debias"):
-        return came_optax.came(
-            schedule, weight_decay=args.weight_decay, mask=decay_mask, debias=name == "came-debias"
-        )
-    if name == "adamw":
-        return optax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
-    if name == "adafactor":
-        return optax.adafactor(schedule, min_dim_size_to_factor=1)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(TUNED_LR)}")
-
-
 # ----------------------------------------------------------------------------- step
 
 
@@ -220,12 +183,11 @@ def train(name: str, lr: float, seed: int, args: argparse.Namespace, text: tuple
     """Trains one model with one optimizer; returns its curves and final numbers."""
     train_data, train_eval, valid_eval = text
     model = GPT(args.d_model, args.layers, args.heads, args.seq_len, rngs=nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(name, lr, args), wrt=nnx.Param)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(optimizer.opt_state))
-    key = jax.random.key(seed)
+    optimizer = nnx.Optimizer(model, harness.make_optimizer(name, lr, args), wrt=nnx.Param)
+    key, timer = jax.random.key(seed), harness.StepTimer()
 
     losses, valid_curve = [], []
-    bar = tqdm(total=args.steps, desc=f"{name} lr={lr:g} seed={seed}", disable=args.no_progress)
+    bar = harness.progress(name, lr, seed, args)
     for first in range(0, args.steps, args.log_every):
         steps = np.arange(first, min(first + args.log_every, args.steps))
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, steps)
@@ -234,16 +196,14 @@ def train(name: str, lr: float, seed: int, args: argparse.Namespace, text: tuple
         )
         losses[-1].block_until_ready()
         if first == 0:  # the first call compiles: time the steps after it
-            start, eval_time = time.perf_counter(), 0.0
+            timer.start()
         if (steps[-1] + 1) % args.eval_every == 0 or steps[-1] + 1 == args.steps:
-            eval_start = time.perf_counter()
-            valid_curve.append((int(steps[-1]) + 1, float(eval_loss(model, valid_eval))))
-            eval_time += time.perf_counter() - eval_start
+            with timer.paused():
+                valid_curve.append((int(steps[-1]) + 1, float(eval_loss(model, valid_eval))))
             bar.set_postfix(valid=f"{valid_curve[-1][1]:.3f}")
         bar.update(len(steps))
     bar.close()
-    train_time = time.perf_counter() - start - eval_time
-    timed_steps = args.steps - min(args.log_every, args.steps)
+    step_ms = timer.ms_per_step(args.steps - min(args.log_every, args.steps))
     losses = np.concatenate(jax.device_get(losses))
     return dict(
         optimizer=name,
@@ -253,77 +213,44 @@ def train(name: str, lr: float, seed: int, args: argparse.Namespace, text: tuple
         valid_curve=valid_curve,
         train_loss=float(eval_loss(model, train_eval)),
         valid_loss=valid_curve[-1][1],
-        state_bytes=int(state_bytes),
-        step_ms=1000 * train_time / max(timed_steps, 1),
+        state_bytes=harness.state_bytes(optimizer.opt_state),
+        step_ms=step_ms,
     )
 
 
 # --------------------------------------------------------------------------- report
 
-
-def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (optimizer, lr): means and spreads over seeds, in run order."""
-    rows = {}
-    for run in runs:
-        rows.setdefault((run["optimizer"], run["lr"]), []).append(run)
-    table = []
-    for (name, lr), group in rows.items():
-        valid = np.array([r["valid_loss"] for r in group])
-        table.append(
-            dict(
-                optimizer=name,
-                lr=lr,
-                seeds=len(group),
-                train_loss=float(np.mean([r["train_loss"] for r in group])),
-                valid_loss=float(valid.mean()),
-                valid_std=float(valid.std()),
-                state_bytes=group[0]["state_bytes"],
-                step_ms=float(np.median([r["step_ms"] for r in group])),
-            )
-        )
-    return table
+# The table's columns after optimizer and peak lr; with several seeds, valid loss is mean ± std.
+COLUMNS = {
+    "train loss": lambda r: f"{r['train_loss']:.3f}",
+    "valid loss": lambda r: f"{r['valid_loss']:.3f}{harness.spread(r)}",
+    "state bytes": lambda r: f"{r['state_bytes']:,}",
+    "step ms": lambda r: f"{r['step_ms']:.1f}",
+}
 
 
-def print_table(table: list[dict]) -> None:
-    """A markdown table; with several seeds, valid loss is mean ± std."""
-    print("| optimizer | peak lr | train loss | valid loss | state bytes | step ms |")
-    print("|---|---|---|---|---|---|")
-    for r in table:
-        spread = f" ± {r['valid_std']:.3f}" if r["seeds"] > 1 else ""
-        print(
-            f"| {r['optimizer']} | {r['lr']:g} | {r['train_loss']:.3f} | "
-            f"{r['valid_loss']:.3f}{spread} | {r['state_bytes']:,} | {r['step_ms']:.1f} |"
-        )
-
-
-def plot(runs: list[dict], path: pathlib.Path) -> None:
+def plot(runs: list[dict]) -> Figure:
     """Smoothed batch loss (thin) and validation loss (markers) against step.
 
     One colour per optimizer, darker for higher learning rates.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = {}
-    for run in runs:
-        groups.setdefault(run["optimizer"], {}).setdefault(run["lr"], []).append(run)
-    for i, (name, by_lr) in enumerate(groups.items()):
-        for k, (lr, group) in enumerate(sorted(by_lr.items())):
-            style = dict(color=f"C{i % 10}", alpha=(k + 1) / len(by_lr))
-            batch = np.mean([r["train_losses"] for r in group], axis=0)
-            width = max(1, len(batch) // 50)
-            smooth = np.convolve(batch, np.ones(width) / width, mode="valid")
-            ax.plot(np.arange(width, len(batch) + 1), smooth, lw=0.8, **style)
-            steps = [s for s, _ in group[0]["valid_curve"]]
-            valid = np.mean([[v for _, v in r["valid_curve"]] for r in group], axis=0)
-            ax.plot(steps, valid, "o-", label=f"{name} lr={lr:g}", **style)
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for name, lr, group, style in harness.curves(runs):
+        batch = np.mean([r["train_losses"] for r in group], axis=0)
+        width = max(1, len(batch) // 50)
+        smooth = np.convolve(batch, np.ones(width) / width, mode="valid")
+        ax.plot(np.arange(width, len(batch) + 1), smooth, lw=0.8, **style)
+        steps = [s for s, _ in group[0]["valid_curve"]]
+        valid = np.mean([[v for _, v in r["valid_curve"]] for r in group], axis=0)
+        ax.plot(steps, valid, "o-", label=f"{name} lr={lr:g}", **style)
     finals = [r["valid_loss"] for r in runs if np.isfinite(r["valid_loss"])]
     if finals:
         ax.set_ylim(min(finals) - 0.2, min(finals) + 1.5)
     ax.set(xlabel="step", ylabel="loss (nats/byte)", title="byte-level GPT on pydoc topics")
     ax.grid(alpha=0.3)
     ax.legend(title="valid (markers), train batch (thin)", fontsize=7, ncol=1 + len(runs) // 8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,23 +266,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(train_bytes):,} train / {len(valid_bytes):,} valid bytes"
     )
 
-    runs = []
-    for name in args.optimizers.split(","):
-        lrs = getattr(args, "lr_" + name.replace("-", "_"), None)
-        if lrs is None:
-            raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(TUNED_LR)}")
-        for lr in [float(x) for x in lrs.split(",")]:
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                runs.append(train(name, lr, seed, args, text))
-
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = summarise(runs)
-    print_table(table)
-    plot(runs, out / "train_lm.png")
+    runs = [train(name, lr, seed, args, text) for name, lr, seed in harness.grid(args)]
+    table = harness.summarise(runs, means=("train_loss",))
+    harness.print_table(table, COLUMNS)
     report = dict(device=device, args=vars(args), table=table, runs=runs)
-    (out / "train_lm.json").write_text(json.dumps(report))
-    print(f"wrote {out / 'train_lm.png'} and {out / 'train_lm.json'}")
+    harness.save(plot(runs), report, args.out, "train_lm")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ cores, so they are marked slow.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -75,7 +76,30 @@ def test_train_cnn_prints_table_and_writes_plot(tmp_path):
         assert f"| {name} |" in stdout
     assert (tmp_path / "train_cnn.png").stat().st_size > 0
     report = json.loads((tmp_path / "train_cnn.json").read_text())
+    assert [r["optimizer"] for r in report["table"]] == ["came", "came-debias", "adamw"]
     assert [step for step, *_ in report["runs"][0]["curve"]] == [2, 4]
+
+
+def test_train_cnn_runs_cautious_forms_apart_from_their_base(tmp_path):
+    # Each cautious form runs at its base optimizer's tuned rate and keeps its base's state; its
+    # mask changes the trajectory, so after 4 steps its test loss differs from the base's.
+    pairs = {"came-debias-cautious": "came-debias", "adamw-cautious": "adamw"}
+    optimizers = ",".join(name for pair in pairs.items() for name in pair)
+    stdout = run_example(
+        "train_cnn.py", tmp_path, f"--optimizers={optimizers}", "--steps=4", "--eval-every=2",
+        "--channels=4",
+    )  # fmt: skip
+    for name in pairs:
+        assert f"| {name} |" in stdout
+    runs = {
+        r["optimizer"]: r for r in json.loads((tmp_path / "train_cnn.json").read_text())["runs"]
+    }
+    for cautious, base in pairs.items():
+        assert runs[cautious]["lr"] == runs[base]["lr"]
+        assert runs[cautious]["state_bytes"] == runs[base]["state_bytes"]
+        losses = [runs[name]["curve"][-1][1] for name in (cautious, base)]
+        assert all(map(math.isfinite, losses))
+        assert losses[0] != losses[1]
 
 
 def test_convergence_study_prints_tables_and_writes_plot(tmp_path):
