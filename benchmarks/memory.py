@@ -11,6 +11,7 @@ Run from the repository root:
 
 from __future__ import annotations
 
+import _models
 import jax
 import jax.numpy as jnp
 import optax
@@ -18,9 +19,6 @@ import optax
 import came_optax
 
 # Config: the models (float32 parameters) and the optimizers compared.
-GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
-VIT_PATCH, VIT_IMAGE, VIT_CLASSES = 16, 224, 1000
-
 OPTIMIZERS = {
     "came": came_optax.came(1e-4),
     "came, bf16 mu": came_optax.came(1e-4, mu_dtype=jnp.bfloat16),
@@ -28,63 +26,11 @@ OPTIMIZERS = {
     "adafactor": optax.adafactor(1e-3),
 }
 
-
-# Parameter shapes, named as in a Flax model.
-def dense(n_in: int, n_out: int) -> dict:
-    return {"kernel": (n_in, n_out), "bias": (n_out,)}
-
-
-def layer_norm(width: int) -> dict:
-    return {"scale": (width,), "bias": (width,)}
-
-
-def block(width: int) -> dict:
-    """A pre-LN transformer block with fused QKV and a 4x MLP (GPT-2 and ViT)."""
-    return {
-        "ln_1": layer_norm(width),
-        "attn": {"qkv": dense(width, 3 * width), "out": dense(width, width)},
-        "ln_2": layer_norm(width),
-        "mlp": {"fc": dense(width, 4 * width), "proj": dense(4 * width, width)},
-    }
-
-
-def gpt2(width: int, depth: int) -> dict:
-    """GPT-2 with the output projection tied to the token embedding."""
-    return {
-        "wte": (GPT2_VOCAB, width),
-        "wpe": (GPT2_CONTEXT, width),
-        "blocks": [block(width) for _ in range(depth)],
-        "ln_f": layer_norm(width),
-    }
-
-
-def vit(width: int, depth: int) -> dict:
-    """ViT with a class token, learned position embeddings and a linear head."""
-    tokens = (VIT_IMAGE // VIT_PATCH) ** 2 + 1
-    return {
-        "patch": {"kernel": (VIT_PATCH, VIT_PATCH, 3, width), "bias": (width,)},
-        "cls": (1, 1, width),
-        "pos": (1, tokens, width),
-        "blocks": [block(width) for _ in range(depth)],
-        "ln_f": layer_norm(width),
-        "head": dense(width, VIT_CLASSES),
-    }
-
-
 MODELS = {
-    "GPT-2 small": gpt2(768, 12),
-    "GPT-2 medium": gpt2(1024, 24),
-    "ViT-B/16": vit(768, 12),
+    "GPT-2 small": _models.gpt2(768, 12),
+    "GPT-2 medium": _models.gpt2(1024, 24),
+    "ViT-B/16": _models.vit(768, 12),
 }
-
-
-def abstract(shapes: dict) -> dict:
-    """Float32 ``ShapeDtypeStruct`` leaves in place of shape tuples."""
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
-        shapes,
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
 
 
 def nbytes(tree) -> int:
@@ -104,7 +50,7 @@ def main() -> None:
     print("| model | params | " + " | ".join(names) + " |")
     print("|---|---:|" + "---:|" * len(names))
     for model, shapes in MODELS.items():
-        params = abstract(shapes)
+        params = _models.abstract(shapes)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         sizes = {name: state_bytes(tx, params) for name, tx in OPTIMIZERS.items()}
         cells = [f"{mib(b)} ({b / sizes['adamw']:.3f}x)" for b in sizes.values()]

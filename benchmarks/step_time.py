@@ -19,6 +19,7 @@ import platform
 import statistics
 import time
 
+import _models
 import jax
 import jax.numpy as jnp
 import optax
@@ -26,35 +27,8 @@ import optax
 import came_optax
 
 
-def gpt2_shapes(blocks: int, width: int = 768, vocab: int = 50257, context: int = 1024):
-    """Parameter shapes of a GPT-2 model with tied embeddings."""
-    shapes = {
-        "wte": (vocab, width),
-        "wpe": (context, width),
-        "ln_f": {"scale": (width,), "bias": (width,)},
-    }
-    for i in range(blocks):
-        shapes[f"h{i}"] = {
-            "ln_1": {"scale": (width,), "bias": (width,)},
-            "attn": {
-                "c_attn": {"kernel": (width, 3 * width), "bias": (3 * width,)},
-                "c_proj": {"kernel": (width, width), "bias": (width,)},
-            },
-            "ln_2": {"scale": (width,), "bias": (width,)},
-            "mlp": {
-                "c_fc": {"kernel": (width, 4 * width), "bias": (4 * width,)},
-                "c_proj": {"kernel": (4 * width, width), "bias": (width,)},
-            },
-        }
-    return shapes
-
-
-def _is_shape(x):
-    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
-
-
 def make_tree(shapes, seed):
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_models.is_shape)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(
         treedef,
@@ -91,7 +65,7 @@ def torch_step_time(shapes, rounds: int, steps: int) -> float | None:
         from came_pytorch import CAME
     except ImportError:
         return None
-    leaves = jax.tree.leaves(shapes, is_leaf=_is_shape)
+    leaves = jax.tree.leaves(shapes, is_leaf=_models.is_shape)
     params = [torch.nn.Parameter(0.02 * torch.randn(s)) for s in leaves]
     for p in params:
         p.grad = 0.02 * torch.randn(p.shape)
@@ -107,7 +81,7 @@ def torch_step_time(shapes, rounds: int, steps: int) -> float | None:
 
 
 def bench(blocks: int, rounds: int, steps: int, with_torch: bool):
-    shapes = gpt2_shapes(blocks)
+    shapes = _models.gpt2(768, blocks)
     grads = make_tree(shapes, 1)
     n_params = sum(x.size for x in jax.tree.leaves(grads))
     runs = {}
