@@ -36,10 +36,14 @@
 # %%
 import sys
 
+# On Colab only: came_optax from its source repository (named in the README), with the
+# "examples" extra, which brings flax and matplotlib.
 if "google.colab" in sys.modules:
     from IPython import get_ipython
 
-    get_ipython().run_line_magic("pip", "install -q git+https://github.com/came-optax/came_optax")
+    get_ipython().run_line_magic(
+        "pip", 'install -q "came-optax[examples] @ git+https://github.com/came-optax/came_optax"'
+    )
 
 # %%
 import time

@@ -35,10 +35,14 @@
 # %%
 import sys
 
+# On Colab only: came_optax from its source repository (named in the README), with the
+# "examples" extra, which brings flax and scikit-learn.
 if "google.colab" in sys.modules:
     from IPython import get_ipython
 
-    get_ipython().run_line_magic("pip", "install -q git+https://github.com/came-optax/came_optax")
+    get_ipython().run_line_magic(
+        "pip", 'install -q "came-optax[examples] @ git+https://github.com/came-optax/came_optax"'
+    )
 
 # %%
 import jax
@@ -73,14 +77,21 @@ state = tx.init(params)
 grads = jax.grad(loss_fn)(params, x, y)
 updates, state = tx.update(grads, state, params)
 params = optax.apply_updates(params, updates)
-print(jax.tree.map(jnp.shape, state[0]))
-print(jax.tree.map(jnp.shape, state[2]))
+print(jax.tree.map(jnp.shape, state))
 
 # %% [markdown]
-# The first entry is the factored second moment: for the `(4, 3)` matrix only a row
-# statistic `v_row` of shape `(4,)` and a column statistic `v_col` of shape `(3,)`; the
-# vector `b` keeps a full `v`. The third entry holds the momentum `mu` (full size, the
-# largest part of the state) and the factored instability `r_row`, `r_col`.
+# The printout shows the shape of every array in the state. The state is a tuple with an
+# entry per stage of the chain that `came()` is (stages that keep nothing print as
+# `EmptyState()`), and its fields say what they hold:
+#
+# * `mu`, the momentum, has the parameters' shapes: it is the largest part of the state;
+# * the `(4, 3)` matrix `w` is factored: its second moment is kept as a row statistic
+#   `v_row` of shape `(4,)` and a column statistic `v_col` of shape `(3,)`, and its
+#   instability likewise as `r_row` and `r_col`;
+# * leaves that are not factored, such as the vector `b`, keep a full statistic `v` of
+#   their own shape and skip the instability; their row and column fields hold only a
+#   placeholder (as `v` does for the factored `w`);
+# * `count` is the number of steps taken.
 #
 # A short training loop under `jax.jit`:
 
@@ -111,7 +122,7 @@ accumulating = optax.MultiSteps(came_optax.came(1e-3), every_k_schedule=4)
 grads = jax.grad(loss_fn)(params, x, y)
 for name, tx in [("clipped", clipped), ("accumulating", accumulating)]:
     updates, _ = tx.update(grads, tx.init(params), params)
-    print(f"{name:12s} first update norm {optax.global_norm(updates):.2e}")
+    print(f"{name:12s} first update norm {optax.tree.norm(updates):.2e}")
 
 # %% [markdown]
 # `came()` is itself a chain of small stages, each usable alone: the factored
@@ -120,7 +131,7 @@ for name, tx in [("clipped", clipped), ("accumulating", accumulating)]:
 
 # %%
 by_hand = optax.chain(
-    came_optax.scale_by_factored_rms(b2=0.999, eps1=1e-30),
+    came_optax.scale_by_factored_second_moment(b2=0.999, eps1=1e-30),
     optax.clip_by_block_rms(1.0),
     came_optax.scale_by_confidence(b1=0.9, b3=0.9999, eps2=1e-16),
     optax.add_decayed_weights(0.0),
@@ -198,7 +209,7 @@ bf16_params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
 state = tx.init(bf16_params)
 updates, state = tx.update(jax.tree.map(jnp.ones_like, bf16_params), state, bf16_params)
 print("b3 stored as", state.hyperparams["b3"], state.hyperparams["b3"].dtype)
-print("momentum dtype", state.inner_state[2].mu["w"].dtype)
+print("momentum dtype", optax.tree.get(state, "mu")["w"].dtype)
 print("update dtype", updates["w"].dtype)
 
 # %% [markdown]
