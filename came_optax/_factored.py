@@ -217,35 +217,37 @@ def second_moment_means(
     r"""This step's means of :math:`|s g|^2 + \epsilon_1` and the scale :math:`s`.
 
     ``s`` is 1 unless the squares overflow float32 (some :math:`|g|` above about
-    1.8e19); then it is :math:`2^{-80}`. CAME's update does not depend on the
-    gradient's scale except through :math:`\\epsilon_1` and the EMA history, so this
-    keeps training finite where came-pytorch produces NaN. Non-finite gradients
-    pass through.
+    1.8e19). Then :math:`s = 2^{-80}` and, for a factored leaf, only the row means
+    are recomputed; the column means are set to the mean of the row means, so that
+    this step's estimate is the row statistic alone (a second pass over the columns
+    would cost every step on accelerators, where the rescaled means are computed
+    together with the plain ones). CAME's update does not depend on the gradient's
+    scale except through :math:`\epsilon_1` and the EMA history, so this keeps
+    training finite where came-pytorch produces NaN. Non-finite gradients pass
+    through.
     """
-
-    def means(row_scale: Any, col_scale: Any) -> tuple[jax.Array, ...]:
-        if axes is None:
-            return (abs_square(g * row_scale) + eps1,)
+    if axes is None:
+        plain = (abs_square(g) + eps1,)
+    else:
         row_axis, col_axis = axes
-        return (
+        plain = (
             # The first reduction reads g as it is, the second its own copy (see _schedule).
-            _schedule.mean(abs_square(g * row_scale), col_axis) + eps1,
-            _schedule.mean(abs_square(_schedule.fresh(g, "v_col") * col_scale), row_axis) + eps1,
+            _schedule.mean(abs_square(g), col_axis) + eps1,
+            _schedule.mean(abs_square(_schedule.fresh(g, "v_col")), row_axis) + eps1,
         )
-
-    plain = means(1.0, 1.0)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in plain]))
-    # Behind barriers, or XLA rewrites (g * s)**2 as g**2 * s**2, where s**2 underflows; one
-    # per reduction, or XLA stores g * s in full for the other reduction to read.
     one = jnp.ones((), g.real.dtype)
-    rescale, row_scale, col_scale = jax.lax.optimization_barrier(
-        (jnp.asarray(2.0**OVERFLOW_EXPONENT, g.real.dtype),) * 3
-    )
-    return _schedule.overflow_guard(
-        finite,
-        lambda: (one, plain),
-        lambda: (rescale, means(row_scale, col_scale)),
-    )
+    # Behind a barrier, or XLA rewrites (g * s)**2 as g**2 * s**2, where s**2 underflows.
+    rescale = jax.lax.optimization_barrier(jnp.asarray(2.0**OVERFLOW_EXPONENT, g.real.dtype))
+
+    def rescaled() -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        if axes is None:
+            return rescale, (abs_square(g * rescale) + eps1,)
+        rows = _schedule.mean(abs_square(g * rescale), col_axis) + eps1
+        cols = jnp.expand_dims(jnp.mean(rows, axis=row_axis), col_axis - 1)
+        return rescale, (rows, jnp.broadcast_to(cols, plain[1].shape))
+
+    return _schedule.overflow_guard(finite, lambda: (one, plain), rescaled)
 
 
 def second_moment_step(
@@ -333,8 +335,9 @@ def scale_by_factored_second_moment(
     its second moment.
 
     A leaf whose :math:`|g|^2` overflows float32 (some :math:`|g|` above about
-    1.8e19) is first multiplied by :math:`2^{-80}`, where came-pytorch would
-    produce NaN; below that nothing changes.
+    1.8e19) is first multiplied by :math:`2^{-80}`, and that step's column means
+    are replaced by the mean of its row means, where came-pytorch would produce
+    NaN; below that nothing changes.
 
     Args:
       b2: decay of the second-moment EMAs, in [0, 1). May be scheduled or
