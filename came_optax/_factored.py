@@ -216,9 +216,11 @@ def second_moment_means(
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     r"""This step's means of :math:`|s g|^2 + \epsilon_1` and the scale :math:`s`.
 
-    ``s`` is 1 unless the squares overflow float32 (some :math:`|g|` above about
-    1.8e19). Then :math:`s = 2^{-80}` and, for a factored leaf, only the row means
-    are recomputed; the column means are set to the mean of the row means, so that
+    ``s`` is 1 unless the mean of this step's row means (of all of them for an
+    unfactored leaf) is not finite: some :math:`|g|` above about 1.8e19, or a sum
+    of squares beyond float32's range. Then :math:`s = 2^{-80}` and, for a
+    factored leaf, only the row means are recomputed; the column means are set to
+    the mean of the row means, so that
     this step's estimate is the row statistic alone (a second pass over the columns
     would cost every step on accelerators, where the rescaled means are computed
     together with the plain ones). CAME's update does not depend on the gradient's
@@ -235,7 +237,9 @@ def second_moment_means(
             _schedule.mean(abs_square(g), col_axis) + eps1,
             _schedule.mean(abs_square(_schedule.fresh(g, "v_col")), row_axis) + eps1,
         )
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in plain]))
+    # The squares are non-negative, so finite row means with a finite mean leave every column
+    # sum finite too: one check serves both.
+    finite = jnp.isfinite(jnp.mean(plain[0]))
     one = jnp.ones((), g.real.dtype)
     # Behind a barrier, or XLA rewrites (g * s)**2 as g**2 * s**2, where s**2 underflows.
     rescale = jax.lax.optimization_barrier(jnp.asarray(2.0**OVERFLOW_EXPONENT, g.real.dtype))
@@ -245,7 +249,8 @@ def second_moment_means(
             return rescale, (abs_square(g * rescale) + eps1,)
         rows = _schedule.mean(abs_square(g * rescale), col_axis) + eps1
         cols = jnp.expand_dims(jnp.mean(rows, axis=row_axis), col_axis - 1)
-        return rescale, (rows, jnp.broadcast_to(cols, plain[1].shape))
+        # A product with ones shaped (and, with explicit axes, sharded) like the plain means.
+        return rescale, (rows, jnp.ones_like(plain[1]) * cols)
 
     return _schedule.overflow_guard(finite, lambda: (one, plain), rescaled)
 
