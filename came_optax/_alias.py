@@ -126,8 +126,10 @@ def came(
       booleans or a callable of the params returning one. Under
       ``optax.inject_hyperparams`` pass ``static_args=('mask',)`` for a
       callable mask.
-    mu_dtype: dtype of the stored momentum (``jnp.bfloat16`` halves it); None
-      keeps float32 (complex64 for complex parameters). Under
+    mu_dtype: dtype of the stored momentum: ``jnp.bfloat16`` halves it;
+      ``'int8'`` stores it blockwise quantized with float32 block scales (see
+      :func:`scale_by_confidence`), about a quarter; None keeps float32
+      (complex64 for complex parameters). Beyond the reference. Under
       ``optax.inject_hyperparams`` pass it as a string (``'bfloat16'``) or in
       ``static_args``.
     debias: Adam-style bias correction of the second moment, the momentum and

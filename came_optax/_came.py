@@ -33,7 +33,8 @@ class ScaleByCameState(NamedTuple):
     Attributes:
       count: number of updates applied so far (int32).
       mu: the momentum, with the parameters' structure (metadata boxes
-        included), shapes and ``mu_dtype``.
+        included), shapes and ``mu_dtype`` (with ``mu_dtype='int8'``, float32
+        for leaves too small to quantize).
       v_row, v_col: the second moment's row and column EMAs where a leaf is
         factored, else one-element placeholders (see
         :class:`FactoredSecondMomentState`).
@@ -41,6 +42,8 @@ class ScaleByCameState(NamedTuple):
         placeholder.
       r_row, r_col: the instability's row and column EMAs where a leaf is
         factored, else placeholders (see :class:`ConfidenceState`).
+      mu_scale: the float32 block scales of an int8 momentum, else
+        placeholders (see :class:`ConfidenceState`).
     """
 
     count: jax.Array
@@ -50,6 +53,7 @@ class ScaleByCameState(NamedTuple):
     v: optax.Params
     r_row: optax.Params
     r_col: optax.Params
+    mu_scale: optax.Params
 
 
 def clip_divisor(u_fn: Callable[[str], jax.Array], threshold: Any):
@@ -181,27 +185,30 @@ def came_transformation(
     if hp["clip_threshold"] is not None:
         _checks.check_range("clip_threshold", hp["clip_threshold"], 0.0, low_inclusive=False)
     _factored.check_factoring_args(factored_dims, min_dim_size_to_factor)
-    mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype)
+    mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype, _confidence.QUANTIZED)
     if not isinstance(cautious, bool):
         raise ValueError(f"cautious must be a Python bool decided at trace time; got {cautious!r}.")
     hp = dict(hp, cautious=cautious)
 
     def init_fn(params):
         _checks.check_param_leaves(params, who)
-        mu = _confidence.init_momentum(params, mu_dtype, who)
+        mu, mu_scale = _confidence.init_momentum(params, mu_dtype, who)
         v_row, v_col, v = _factored.init_second_moment(
             params, factored_dims, min_dim_size_to_factor
         )
         r_row, r_col, _ = _factored.init_second_moment(
             params, factored_dims, min_dim_size_to_factor
         )
-        return ScaleByCameState(jnp.zeros([], jnp.int32), mu, v_row, v_col, v, r_row, r_col)
+        return ScaleByCameState(
+            jnp.zeros([], jnp.int32), mu, v_row, v_col, v, r_row, r_col, mu_scale
+        )
 
     def update_fn(updates, state, params=None):
         del params
         paths, leaves, treedef = _checks.flatten_updates(updates, who)
         axes = _factored.leaf_axes(leaves, factored_dims, min_dim_size_to_factor)
         mus = _confidence.check_momentum(treedef, state.mu, who)
+        scales = _layout.leaves_of(state.mu_scale, len(leaves), "mu_scale", who)
         fields = ("v_row", "v_col", "v", "r_row", "r_col")
         stats = [_layout.leaves_of(getattr(state, f), len(leaves), f, who) for f in fields]
         _checks.check_stat_shapes(paths, leaves, axes, stats[0], stats[2], who)
@@ -212,26 +219,27 @@ def came_transformation(
                 return (None, None, None)
             return tuple(_factored.bias_correction(hp[b], count, dtype) for b in ("b2", "b1", "b3"))
 
-        def step(leaves, mus, *stats):
+        def step(leaves, mus, scales, *stats):
             results = []
-            for g, mu, *leaf_stats, a in zip(leaves, mus, *stats, axes, strict=True):
+            for g, mu, scale, *leaf_stats, a in zip(leaves, mus, scales, *stats, axes, strict=True):
                 g = g.astype(_factored.compute_dtype(g.dtype))
                 out, m, *new_stats = _leaf_step(
                     g,
-                    mu.astype(g.dtype),
+                    _confidence.load_momentum(mu, scale, g.dtype),
                     *leaf_stats,
                     a,
                     hp,
                     corrections(_factored.stat_dtype(g.dtype)),
                 )
-                results.append((out, m.astype(mu.dtype), *new_stats))
-            return _layout.unzip(results, 7)
+                results.append((out, *_confidence.store_momentum(m, mu, scale), *new_stats))
+            return _layout.unzip(results, 8)
 
-        outs, new_mus, *new_stats = step(leaves, mus, *stats)
+        outs, new_mus, new_scales, *new_stats = step(leaves, mus, scales, *stats)
         new_state = ScaleByCameState(
             count,
             jax.tree.unflatten(treedef, new_mus),
             *(_layout.like(getattr(state, f), s) for f, s in zip(fields, new_stats, strict=True)),
+            _layout.like(state.mu_scale, new_scales),
         )
         return jax.tree.unflatten(treedef, outs), new_state
 

@@ -64,8 +64,12 @@ def check_static_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}; got {value}.")
 
 
-def resolve_dtype(name: str, dtype: Any) -> jnp.dtype | None:
-    """Canonicalises a dtype argument, raising a ValueError for non-dtypes."""
+def resolve_dtype(name: str, dtype: Any, integers: tuple[str, ...] = ()) -> jnp.dtype | None:
+    """Canonicalises a dtype argument, raising a ValueError for non-dtypes.
+
+    Floating and complex dtypes are accepted, and the integer dtypes named in ``integers``
+    (``("int8",)`` for a block-quantized momentum).
+    """
     if dtype is None:
         return None
     if isinstance(dtype, jax.Array | np.ndarray):
@@ -78,8 +82,9 @@ def resolve_dtype(name: str, dtype: Any) -> jnp.dtype | None:
         resolved = jnp.dtype(dtype)
     except TypeError as e:
         raise ValueError(f"{name} must be a floating dtype, got {dtype!r}.") from e
-    if not jnp.issubdtype(resolved, jnp.inexact):
-        raise ValueError(f"{name} must be a floating or complex dtype, got {resolved}.")
+    if not jnp.issubdtype(resolved, jnp.inexact) and resolved.name not in integers:
+        allowed = "".join(f" or '{i}'" for i in integers)
+        raise ValueError(f"{name} must be a floating or complex dtype{allowed}, got {resolved}.")
     return resolved
 
 

@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from came_optax import _checks, _factored, _layout, _schedule
+from came_optax import _checks, _factored, _layout, _quantize, _schedule
+
+# The integer momentum dtypes: int8 is stored blockwise quantized (see _quantize).
+QUANTIZED = ("int8",)
 
 
 class ConfidenceState(NamedTuple):
@@ -26,18 +29,23 @@ class ConfidenceState(NamedTuple):
     Attributes:
       count: number of updates applied so far (int32).
       mu: the momentum, with the parameters' tree structure (metadata boxes
-        included), shapes and ``mu_dtype``.
+        included), shapes and ``mu_dtype`` (with ``mu_dtype='int8'``, float32
+        for leaves too small to quantize).
       r_row: per leaf, the EMA of row means of the instability where the leaf
         is factored, else a one-element placeholder; the parameters' structure
         without metadata boxes.
       r_col: per leaf, the EMA of column means of the instability, or a
         placeholder.
+      mu_scale: per leaf with an int8 momentum, its float32 block scales (the
+        parameter's shape with the blocked axes divided by the block's sides;
+        see :func:`scale_by_confidence`), else a placeholder.
     """
 
     count: jax.Array
     mu: optax.Updates
     r_row: optax.Params
     r_col: optax.Params
+    mu_scale: optax.Params
 
 
 def confidence_step(
@@ -76,8 +84,9 @@ def confidence_step(
     return _factored.outer(m, s_r, s_c, axes), m, r_row, r_col
 
 
-def momentum_dtype(param_dtype: Any, mu_dtype: Any, path: Any, who: str) -> jnp.dtype:
+def momentum_dtype(param: Any, mu_dtype: Any, path: Any, who: str) -> jnp.dtype:
     """The stored momentum's dtype for a parameter, validated."""
+    param_dtype = jnp.result_type(param)
     if mu_dtype is None:
         return _factored.compute_dtype(param_dtype)
     if jnp.issubdtype(mu_dtype, jnp.complexfloating) and not jnp.issubdtype(
@@ -95,18 +104,52 @@ def momentum_dtype(param_dtype: Any, mu_dtype: Any, path: Any, who: str) -> jnp.
             f"{_checks.leaf_name(path)} ({jnp.dtype(param_dtype).name}); use mu_dtype=None or "
             "optax.partition to give complex leaves their own optimizer."
         )
+    if mu_dtype.name in QUANTIZED and _quantize.block_shape(jnp.shape(param)) is None:
+        return _factored.compute_dtype(param_dtype)
     return jnp.dtype(mu_dtype)
 
 
-def init_momentum(params: Any, mu_dtype: Any, who: str) -> Any:
-    """Zero momentum in the parameters' structure, sharded like each parameter."""
+def init_momentum(params: Any, mu_dtype: Any, who: str) -> tuple[Any, Any]:
+    """Zero momentum in the parameters' structure, sharded like each parameter, and its scales.
+
+    The scales (the second tree, without metadata boxes) are zeros where the momentum is int8
+    and placeholders elsewhere.
+    """
 
     def zeros(path, p):
-        return _factored.zeros_like_param(
-            p, momentum_dtype(jnp.result_type(p), mu_dtype, path, who)
-        )
+        return _factored.zeros_like_param(p, momentum_dtype(p, mu_dtype, path, who))
 
-    return jax.tree_util.tree_map_with_path(zeros, params)
+    def scales(p):
+        block = _quantize.block_shape(jnp.shape(p))
+        if mu_dtype is None or mu_dtype.name not in QUANTIZED or block is None:
+            return _layout.placeholder()
+        if isinstance(p, jax.core.Tracer):
+            return _zero_scales(p, block)
+        return _zero_scales_compiled(p, block)
+
+    return jax.tree_util.tree_map_with_path(zeros, params), _layout.unboxed(scales, params)
+
+
+def _zero_scales(param: jax.Array, block: tuple[int, ...]) -> jax.Array:
+    return _quantize.zero_scales(_factored.zeros_like_param(param, jnp.float32), block)
+
+
+# Compiled, the parameter-shaped zeros are folded away instead of allocated.
+_zero_scales_compiled = jax.jit(_zero_scales, static_argnums=1)
+
+
+def load_momentum(mu: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+    """The stored momentum in the compute ``dtype`` (dequantized if it is int8)."""
+    if mu.dtype != jnp.int8:
+        return mu.astype(dtype)
+    return _quantize.dequantize(mu, scale, _quantize.block_shape(mu.shape), dtype)
+
+
+def store_momentum(m: jax.Array, mu: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The new momentum ``m`` in the stored momentum's dtype, and its scales."""
+    if mu.dtype != jnp.int8:
+        return m.astype(mu.dtype), scale
+    return _quantize.quantize(m, _quantize.block_shape(m.shape))
 
 
 def check_momentum(treedef: Any, mu: Any, who: str) -> list[Any]:
@@ -163,12 +206,23 @@ def scale_by_confidence(
     u_1`) and the first update :math:`u_1/\sqrt{\epsilon_2}`, about
     :math:`10^8` times too large.
 
+    With ``mu_dtype='int8'`` (beyond the paper) the momentum of every leaf of
+    at least 4096 elements is stored blockwise quantized: blocks of 256
+    elements (16x16 tiles over the last two axes where they divide them),
+    each as int8 :math:`\operatorname{round}(m / s)` with one float32 scale
+    :math:`s = \max|m| / 127` in ``mu_scale``. A step dequantizes
+    :math:`m_{t-1}`, computes :math:`m_t`, the instability and the output in
+    float32 from the unquantized :math:`m_t`, and stores :math:`m_t`
+    quantized (see ``came_optax/_quantize.py`` for the block rule and why a
+    block never straddles a shard). Smaller leaves keep a float32 momentum.
+
     Args:
       b1: momentum decay, in [0, 1]. May be scheduled or injected.
       b3: decay of the instability EMAs, in [0, 1).
       eps2: added to the instability, >= 0.
       mu_dtype: dtype of the stored momentum (e.g. ``jnp.bfloat16`` to halve
-        its memory). None keeps the compute dtype (float32 or complex64).
+        its memory, ``'int8'`` or ``jnp.int8`` to quarter it). None keeps the
+        compute dtype (float32 or complex64).
       debias: bias-correct the momentum and the instability; off in the
         reference.
       factored_dims: which axes to factor; see :func:`factored_axes`.
@@ -197,14 +251,14 @@ def scale_by_confidence(
     _checks.check_range("b3", b3, 0.0, 1.0, high_inclusive=False)
     _checks.check_range("eps2", eps2, 0.0)
     _factored.check_factoring_args(factored_dims, min_dim_size_to_factor)
-    mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype)
+    mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype, QUANTIZED)
     who = "scale_by_confidence"
 
     def init_fn(params):
         _checks.check_param_leaves(params, who)
-        mu = init_momentum(params, mu_dtype, who)
+        mu, mu_scale = init_momentum(params, mu_dtype, who)
         stats = _factored.init_second_moment(params, factored_dims, min_dim_size_to_factor)
-        return ConfidenceState(jnp.zeros([], jnp.int32), mu, stats[0], stats[1])
+        return ConfidenceState(jnp.zeros([], jnp.int32), mu, stats[0], stats[1], mu_scale)
 
     def update_fn(updates, state, params=None):
         del params
@@ -213,6 +267,7 @@ def scale_by_confidence(
         mus = check_momentum(treedef, state.mu, who)
         rows = _layout.leaves_of(state.r_row, len(leaves), "r_row", who)
         cols = _layout.leaves_of(state.r_col, len(leaves), "r_col", who)
+        scales = _layout.leaves_of(state.mu_scale, len(leaves), "mu_scale", who)
         _checks.check_stat_shapes(paths, leaves, axes, rows, mus, who)
         count = optax.safe_increment(state.count)
 
@@ -221,13 +276,15 @@ def scale_by_confidence(
                 return (None, None)
             return tuple(_factored.bias_correction(b, count, dtype) for b in (b1, b3))
 
-        def step(leaves, mus, rows, cols):
+        def step(leaves, mus, scales, rows, cols):
             results = []
-            for u, mu, row, col, a in zip(leaves, mus, rows, cols, axes, strict=True):
+            for u, mu, scale, row, col, a in zip(
+                leaves, mus, scales, rows, cols, axes, strict=True
+            ):
                 u = u.astype(_factored.compute_dtype(u.dtype))
                 out, m, row, col = confidence_step(
                     lambda consumer, u=u: _schedule.fresh(u, consumer),
-                    mu.astype(u.dtype),
+                    load_momentum(mu, scale, u.dtype),
                     row,
                     col,
                     a,
@@ -236,15 +293,16 @@ def scale_by_confidence(
                     eps2,
                     corrections(_factored.stat_dtype(u.dtype)),
                 )
-                results.append((out, m.astype(mu.dtype), row, col))
-            return _layout.unzip(results, 4)
+                results.append((out, *store_momentum(m, mu, scale), row, col))
+            return _layout.unzip(results, 5)
 
-        outs, new_mus, new_rows, new_cols = step(leaves, mus, rows, cols)
+        outs, new_mus, new_scales, new_rows, new_cols = step(leaves, mus, scales, rows, cols)
         new_state = ConfidenceState(
             count,
             jax.tree.unflatten(treedef, new_mus),
             _layout.like(state.r_row, new_rows),
             _layout.like(state.r_col, new_cols),
+            _layout.like(state.mu_scale, new_scales),
         )
         return jax.tree.unflatten(treedef, outs), new_state
 

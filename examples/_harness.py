@@ -54,6 +54,13 @@ OPTIMIZERS: dict[str, Callable[[optax.ScalarOrSchedule, float], optax.GradientTr
     "came-debias-cautious": lambda lr, wd: came_optax.came(
         lr, weight_decay=wd, mask=decay_mask, debias=True, cautious=True
     ),
+    # The memory options: an int8 momentum, and stochastic rounding of bf16/fp16 parameters.
+    "came-debias-int8": lambda lr, wd: came_optax.came(
+        lr, weight_decay=wd, mask=decay_mask, debias=True, mu_dtype="int8"
+    ),
+    "came-debias-sr": lambda lr, wd: came_optax.came(
+        lr, weight_decay=wd, mask=decay_mask, debias=True, stochastic_rounding=True
+    ),
     "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd, mask=decay_mask),
     "adamw-cautious": _cautious_adamw,
     "adafactor": lambda lr, wd: optax.adafactor(lr, min_dim_size_to_factor=1),

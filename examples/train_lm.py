@@ -23,7 +23,10 @@ over seeds. ``examples/convergence_study.py`` uses this for its learning-rate sw
 ``--optimizers`` also accepts the cautious forms (Liang et al., 2024) ``came-debias-cautious``
 (``came(..., debias=True, cautious=True)``) and ``adamw-cautious`` (``optax.adamw`` with
 its Adam stage wrapped in ``came_optax.cautious``); they start at their base optimizer's
-learning rate. The optimizers, the sweep and the report files come from ``_harness.py``.
+learning rate. So do the memory options ``came-debias-int8`` (``mu_dtype="int8"``) and
+``came-debias-sr`` (``stochastic_rounding=True``, which matters with
+``--param-dtype=bfloat16``: parameters stored in bfloat16, arithmetic in float32).
+The optimizers, the sweep and the report files come from ``_harness.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from matplotlib.figure import Figure
 # rate of the optimizer it wraps.
 TUNED_LR = {"came": 1e-3, "came-debias": 5e-3, "adamw": 1e-2, "adafactor": 5e-2}
 TUNED_LR |= {"came-debias-cautious": TUNED_LR["came-debias"], "adamw-cautious": TUNED_LR["adamw"]}
+TUNED_LR |= {f"came-debias-{option}": TUNED_LR["came-debias"] for option in ("int8", "sr")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument(
+        "--param-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the parameters' storage dtype; layers compute in float32",
+    )
     p.add_argument("--log-every", type=int, default=50, help="steps per jitted call")
     p.add_argument("--eval-every", type=int, default=250, help="a multiple of --log-every")
     return p.parse_args(argv)
@@ -98,16 +108,20 @@ def sample_batch(data: jax.Array, key: jax.Array, batch_size: int, seq_len: int)
 
 
 class Block(nnx.Module):
-    """A pre-norm transformer block: causal self-attention, then a GELU MLP."""
+    """A pre-norm transformer block: causal self-attention, then a GELU MLP.
 
-    def __init__(self, d_model: int, heads: int, *, rngs: nnx.Rngs):
+    Parameters are stored in ``param_dtype``; every layer computes in float32.
+    """
+
+    def __init__(self, d_model: int, heads: int, param_dtype, *, rngs: nnx.Rngs):
         self.heads = heads
-        self.attn_norm = nnx.LayerNorm(d_model, rngs=rngs)
-        self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs)
-        self.attn_out = nnx.Linear(d_model, d_model, rngs=rngs)
-        self.mlp_norm = nnx.LayerNorm(d_model, rngs=rngs)
-        self.mlp_in = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
-        self.mlp_out = nnx.Linear(4 * d_model, d_model, rngs=rngs)
+        dtypes = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        self.attn_norm = nnx.LayerNorm(d_model, **dtypes)
+        self.qkv = nnx.Linear(d_model, 3 * d_model, **dtypes)
+        self.attn_out = nnx.Linear(d_model, d_model, **dtypes)
+        self.mlp_norm = nnx.LayerNorm(d_model, **dtypes)
+        self.mlp_in = nnx.Linear(d_model, 4 * d_model, **dtypes)
+        self.mlp_out = nnx.Linear(4 * d_model, d_model, **dtypes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
@@ -121,12 +135,24 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     """Byte embeddings plus learned positions, ``layers`` blocks, and a 256-way readout."""
 
-    def __init__(self, d_model: int, layers: int, heads: int, seq_len: int, *, rngs: nnx.Rngs):
-        self.token_embed = nnx.Embed(256, d_model, rngs=rngs)
-        self.pos_embed = nnx.Embed(seq_len, d_model, rngs=rngs)
-        self.blocks = nnx.List([Block(d_model, heads, rngs=rngs) for _ in range(layers)])
-        self.norm = nnx.LayerNorm(d_model, rngs=rngs)
-        self.readout = nnx.Linear(d_model, 256, rngs=rngs)
+    def __init__(
+        self,
+        d_model: int,
+        layers: int,
+        heads: int,
+        seq_len: int,
+        param_dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        dtypes = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        self.token_embed = nnx.Embed(256, d_model, **dtypes)
+        self.pos_embed = nnx.Embed(seq_len, d_model, **dtypes)
+        self.blocks = nnx.List(
+            [Block(d_model, heads, param_dtype, rngs=rngs) for _ in range(layers)]
+        )
+        self.norm = nnx.LayerNorm(d_model, **dtypes)
+        self.readout = nnx.Linear(d_model, 256, **dtypes)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.token_embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[1]))
@@ -182,7 +208,9 @@ eval_loss = nnx.jit(loss_fn)
 def train(name: str, lr: float, seed: int, args: argparse.Namespace, text: tuple) -> dict:
     """Trains one model with one optimizer; returns its curves and final numbers."""
     train_data, train_eval, valid_eval = text
-    model = GPT(args.d_model, args.layers, args.heads, args.seq_len, rngs=nnx.Rngs(seed))
+    model = GPT(
+        args.d_model, args.layers, args.heads, args.seq_len, args.param_dtype, rngs=nnx.Rngs(seed)
+    )
     optimizer = nnx.Optimizer(model, harness.make_optimizer(name, lr, args), wrt=nnx.Param)
     key, timer = jax.random.key(seed), harness.StepTimer()
 

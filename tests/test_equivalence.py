@@ -24,6 +24,9 @@ PARAMS = {
     "tall": (16, 2),
     "rank3": (3, 5, 6),
     "conv": (2, 2, 3, 4),
+    # Large enough for an int8 momentum (4096 elements or more): 16x16 blocks, and a vector's.
+    "big": (2, 48, 128),
+    "long": (4096,),
 }
 
 CASES = {
@@ -34,6 +37,7 @@ CASES = {
     "largest_two": dict(factored_dims="largest_two"),
     "min_dim": dict(min_dim_size_to_factor=4),
     "bf16_mu": dict(mu_dtype=jnp.bfloat16, debias=True),
+    "int8_mu": dict(mu_dtype="int8", debias=True),
     "cautious": dict(cautious=True, debias=True, weight_decay=0.1),
     "hyperparams": dict(b1=0.8, b2=0.95, b3=0.99, eps1=1e-20, eps2=1e-12, weight_decay=0.1),
 }
@@ -118,6 +122,7 @@ def _chain_fields(state):
         v=factored.v,
         r_row=confidence.r_row,
         r_col=confidence.r_col,
+        mu_scale=confidence.mu_scale,
     )
 
 

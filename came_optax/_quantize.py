@@ -1,0 +1,174 @@
+r"""Blockwise absmax int8 quantization of the momentum (``mu_dtype="int8"``).
+
+A leaf is cut into blocks of 256 elements; each block keeps one float32 scale
+:math:`s = \max_{b}|x| / 127` (a product with float32(1/127)) and its elements as int8
+:math:`q = \operatorname{round}(x / s)` in :math:`[-127, 127]`. Dequantizing multiplies:
+:math:`\hat x = q\, s`.
+
+**Where the blocks lie.** A block is a tile of 256 elements over a leaf's last two axes (a run of
+256 along a vector), the squarest of 16x16, 8x32, 32x8, 4x64, 64x4, 2x128, 128x2, 1x256, 256x1
+whose sides divide those axes. The scales have the leaf's shape with each tiled axis divided by
+the tile's side, so they shard like the parameter, and a block never straddles a shard as long as
+each shard's extent along the tiled axes is a multiple of the tile's side there (for 16x16 tiles:
+any mesh axis that divides the axis into pieces of a multiple of 16). Leaves with fewer than 4096
+elements, or whose last two axes admit no tile, keep a float32 momentum, as bitsandbytes and
+torchao keep small tensors in 32 bits. The rule reads only the shape, so the state's layout does
+not depend on the mesh and a checkpoint restores on any other.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+# Elements per block, and the smallest leaf that is quantized (smaller ones stay float32).
+BLOCK_ELEMENTS = 256
+MIN_ELEMENTS = 4096
+LEVELS = 127
+# A multiplication, not a division by 127: compilers turn the division by a constant into this
+# product anyway (XLA:CPU does), so every platform computes the same scales.
+_INVERSE_LEVELS = np.float32(1.0 / LEVELS)
+# Tiles over the last two axes, squarest first: the shorter the longest side, the more meshes
+# shard a leaf without splitting a block.
+_TILES = ((16, 16), (8, 32), (32, 8), (4, 64), (64, 4), (2, 128), (128, 2), (1, 256), (256, 1))
+
+
+def block_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The block of a leaf of shape ``shape``, as a shape of the same rank, or None.
+
+    None means the leaf is not quantized: fewer than 4096 elements, a scalar, or last two axes
+    (last axis for a vector) that no tile of 256 elements divides.
+
+    Example:
+      >>> from came_optax._quantize import block_shape
+      >>> block_shape((768, 3072)), block_shape((50257, 768)), block_shape((8192,))
+      ((16, 16), (1, 256), (256,))
+      >>> block_shape((64, 32)) is None, block_shape((3, 5000)) is None
+      (True, True)
+    """
+    if len(shape) == 0 or math.prod(shape) < MIN_ELEMENTS:
+        return None
+    if len(shape) == 1:
+        return (BLOCK_ELEMENTS,) if shape[0] % BLOCK_ELEMENTS == 0 else None
+    rows, cols = shape[-2:]
+    for tile in _TILES:
+        if rows % tile[0] == 0 and cols % tile[1] == 0:
+            return (1,) * (len(shape) - 2) + tile
+    return None
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
+    """The scales' shape: ``shape`` with each axis divided by the block's side."""
+    return tuple(n // b for n, b in zip(shape, block, strict=True))
+
+
+def _explicit_spec(x: jax.Array) -> tuple[Any, ...] | None:
+    """Per axis of ``x``, the explicit mesh axes it is sharded over; None without any."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return tuple(None if e is None else e if isinstance(e, tuple) else (e,) for e in spec)
+
+
+def _blocked(x: jax.Array, block: tuple[int, ...], spec: tuple[Any, ...] | None) -> jax.Array:
+    """``x`` with each axis split into (blocks, side): blocks on even axes, sides on odd ones.
+
+    Under explicit sharding the blocks keep each axis's mesh axes (jax asks for them).
+    """
+    shape = sum(((n // b, b) for n, b in zip(x.shape, block, strict=True)), ())
+    if spec is None:
+        return x.reshape(shape)
+    return jax.lax.reshape(x, shape, out_sharding=P(*sum(((e, None) for e in spec), ())))
+
+
+def _unblocked(x: jax.Array, shape: tuple[int, ...], spec: tuple[Any, ...] | None) -> jax.Array:
+    if spec is None:
+        return x.reshape(shape)
+    return jax.lax.reshape(x, shape, out_sharding=P(*spec))
+
+
+def _side_axes(block: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(range(1, 2 * len(block), 2))
+
+
+def _check_shards(x: jax.Array, block: tuple[int, ...], spec: tuple[Any, ...] | None) -> None:
+    """Raises ValueError where an explicit sharding of ``x`` would split a block."""
+    if spec is None:
+        return
+    sizes = jax.typeof(x).sharding.mesh.shape
+    for n, b, names in zip(x.shape, block, spec, strict=True):
+        shards = math.prod(sizes[a] for a in names or ())
+        if (n // shards) % b:
+            raise ValueError(
+                f"mu_dtype='int8': a momentum of shape {x.shape} sharded {P(*spec)} has "
+                f"shards of {n // shards} along an axis whose blocks have {b} elements, so a "
+                "block would straddle two shards. Shard that axis into pieces of a multiple of "
+                f"{b}, or give the leaf another mu_dtype (optax.partition)."
+            )
+
+
+def quantize(x: jax.Array, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    r"""Blockwise absmax int8 quantization: returns ``(q, scale)``.
+
+    Per block :math:`b`, :math:`s_b = \max_{i \in b} |x_i| \cdot \mathrm{fl}(1/127)` (float32) and
+    :math:`q_i = \operatorname{clip}(\operatorname{round}(x_i / s_b), -127, 127)` (int8, round
+    half to even; 127 levels on each side of an exact zero, so the map is symmetric). A block of
+    zeros gets :math:`s_b = 0` and :math:`q = 0`. Round-to-nearest bounds the error of every
+    element by half a level, :math:`|q_i s_b - x_i| \le s_b / 2 \approx \max_b|x| / 254`
+    (to float32 rounding), and quantizing a dequantized array returns the same ``q`` (its
+    scales move by at most one unit in the last place). A non-finite element makes its block's
+    scale non-finite, so the dequantized block is not finite either.
+
+    Args:
+      x: a real array (any floating dtype).
+      block: the block's shape (see :func:`block_shape`); each side divides its axis.
+
+    Returns:
+      ``q``, int8 of ``x``'s shape, and ``scale``, float32 of :func:`scale_shape`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from came_optax._quantize import quantize, dequantize
+      >>> q, scale = quantize(jnp.array([1.0, -0.5, 0.25, 0.0]), (2,))
+      >>> q.tolist(), scale.shape
+      ([127, -64, 127, 0], (2,))
+      >>> [round(x, 4) for x in dequantize(q, scale, (2,)).tolist()]
+      [1.0, -0.5039, 0.25, 0.0]
+
+    References:
+      Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022
+      (arXiv:2110.02861), with a linear map instead of their dynamic one; torchao's 8-bit
+      optimizers use blocks of 256.
+    """
+    spec = _explicit_spec(x)
+    _check_shards(x, block, spec)
+    blocked = _blocked(x.astype(jnp.float32), block, spec)
+    sides = _side_axes(block)
+    scale = jnp.max(jnp.abs(blocked), axis=sides) * _INVERSE_LEVELS
+    expanded = jnp.expand_dims(scale, sides)
+    ratio = blocked / jnp.where(expanded > 0, expanded, 1.0)
+    q = jnp.clip(jnp.round(ratio), -LEVELS, LEVELS).astype(jnp.int8)
+    return _unblocked(q, x.shape, spec), scale
+
+
+def dequantize(
+    q: jax.Array, scale: jax.Array, block: tuple[int, ...], dtype: Any = jnp.float32
+) -> jax.Array:
+    """``q`` times its block's scale, in ``dtype``: the inverse of :func:`quantize`."""
+    sides = _side_axes(block)
+    spec = _explicit_spec(q)
+    blocked = _blocked(q, block, spec).astype(dtype) * jnp.expand_dims(scale, sides).astype(dtype)
+    return _unblocked(blocked, q.shape, spec)
+
+
+def zero_scales(zeros: jax.Array, block: tuple[int, ...]) -> jax.Array:
+    """Zero scales from parameter-shaped ``zeros``: a strided slice, which keeps their sharding."""
+    return zeros[tuple(slice(None, None, b) for b in block)]
