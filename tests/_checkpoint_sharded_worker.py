@@ -14,7 +14,6 @@ parameter without the averaged axis, counters replicated.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from helpers import leaf_digests
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -65,15 +65,6 @@ def loss_fn(params, x, y):
     hidden = jnp.tanh(x @ params["embed"])
     pred = params["scale"] * (hidden @ params["dense"]["kernel"] + params["dense"]["bias"])
     return jnp.mean((pred - y) ** 2) + 1e-2 * jnp.mean(jnp.square(params["conv"]))
-
-
-def digests(tree) -> dict[str, str]:
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        x = np.asarray(x)
-        key = f"{jax.tree_util.keystr(path)} {x.dtype} {x.shape}"
-        out[key] = hashlib.sha256(x.tobytes()).hexdigest()
-    return out
 
 
 def main(mode: str, directory: str) -> None:
@@ -126,7 +117,7 @@ def main(mode: str, directory: str) -> None:
         raise ValueError(f"mode must be 'save' or 'resume'; got {mode!r}")
     manager.wait_until_finished()
     manager.close()
-    report["digests"] = digests((params, opt_state))
+    report["digests"] = leaf_digests((params, opt_state))
     print(json.dumps(report))
 
 

@@ -18,6 +18,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
+from helpers import reduced_spec
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -145,13 +146,6 @@ def sharded_run(mesh_shape, axis_type):
     with jax.set_mesh(mesh):
         params, opt_state = train(training_tx(), mesh=mesh, explicit=axis_type == "explicit")
     return mesh, params, opt_state
-
-
-def reduced_spec(spec, ndim, axis):
-    """The spec of a statistic that averages axis ``axis`` of a leaf with ``spec``."""
-    entries = list(spec) + [None] * (ndim - len(spec))
-    del entries[axis]
-    return P(*entries)
 
 
 def expected_state_specs(tx_kwargs):

@@ -12,7 +12,7 @@ import importlib.util
 import json
 
 import pytest
-from subprocesses import run_python
+from helpers import run_python
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference_numpy import came_numpy
 
 import came_optax
 
@@ -106,12 +107,6 @@ def test_state_is_a_namedtuple_pytree_and_eval_shape_works():
     assert came.v["bias"].shape == (5,)
     assert came.r_row["conv"].shape == (2, 2, 3)
     assert came.mu["conv"].shape == (2, 2, 3, 4)
-
-
-def test_extra_args_are_accepted():
-    tx = came_optax.came(1e-3)
-    assert isinstance(tx, optax.GradientTransformationExtraArgs)
-    _run(tx, steps=2, value=jnp.array(1.0))
 
 
 def test_bf16_params_get_bf16_updates_with_float32_state():
@@ -222,7 +217,10 @@ def test_inject_hyperparams_with_bf16_params_needs_float32_hyperparams():
     assert state.hyperparams["b3"].dtype == jnp.float32
     assert float(state.hyperparams["b3"]) == pytest.approx(0.9999)
     updates, _ = tx.update(_grads(0, params), state, params)
-    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    plain = came_optax.came(1e-2)
+    expected, _ = plain.update(_grads(0, params), plain.init(params), params)
+    # Two bfloat16 ulps: the float32 1 - b3 is 1.7e-4 away from Python's 1e-4.
+    chex.assert_trees_all_close(updates, expected, rtol=8e-3, atol=0)
 
 
 def test_multi_steps_accumulates_then_applies_came():
@@ -239,20 +237,6 @@ def test_multi_steps_accumulates_then_applies_came():
     plain = came_optax.came(1e-2)
     expected, _ = plain.update(mean, plain.init(params), params)
     chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-8)
-
-
-def test_apply_if_finite_skips_a_nan_step():
-    tx = optax.apply_if_finite(came_optax.came(1e-2), max_consecutive_errors=3)
-    params = _params()
-    state = tx.init(params)
-    updates, state = tx.update(_grads(0), state, params)
-    params = optax.apply_updates(params, updates)
-    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), _grads(1))
-    updates, bad_state = tx.update(bad, state, params)
-    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
-    chex.assert_trees_all_equal(bad_state.inner_state, state.inner_state)
-    updates, _ = tx.update(_grads(1), bad_state, params)
-    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
 def test_partition_and_masked_compose():
@@ -302,18 +286,48 @@ def test_invalid_hyperparameters_raise_naming_the_argument(kwargs, name):
         came_optax.came(**kwargs)
 
 
-def test_valid_edge_hyperparameters_are_accepted():
-    came_optax.came(0.0, b1=1.0, b2=0.0, b3=0.0, eps1=0.0, eps2=0.0, clip_threshold=None)
-    came_optax.came(optax.constant_schedule(1e-3), min_dim_size_to_factor=128)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(learning_rate=0.0),
+        dict(b1=1.0, weight_decay=0.1),  # the momentum stays zero: decay alone moves
+        dict(b2=0.0, b3=0.0),
+        dict(eps1=0.0, eps2=0.0),
+        dict(clip_threshold=None),
+    ],
+    ids=["lr_0", "b1_1", "b2_b3_0", "eps_0", "no_clip"],
+)
+def test_edge_hyperparameters_follow_the_reference(kwargs):
+    # Valid edge values (the ends of each range, and zeros a falsy check would replace)
+    # must be used as given: four steps against the float64 transcription.
+    kwargs = {"learning_rate": 1e-2, **kwargs}
+    params = _params()
+    final, _ = _run(came_optax.came(**kwargs), steps=4)
+    to_numpy = lambda tree: {k: np.asarray(v) for k, v in tree.items()}
+    expected = came_numpy(
+        to_numpy(params), [to_numpy(_grads(t, params)) for t in range(4)], **kwargs
+    )[-1]
+    for k in params:
+        np.testing.assert_allclose(final[k], expected[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
-def test_traced_hyperparameters_are_not_validated():
-    def build(b1):
-        tx = came_optax.came(1e-3, b1=b1)
-        updates, _ = tx.update(_grads(0), tx.init(_params()), _params())
-        return updates
+def test_traced_hyperparameters_skip_validation_and_reach_the_math():
+    # Inside jit every hyperparameter is a tracer, which construction cannot range-check;
+    # the traced run must still equal the run with the same concrete values.
+    params = {k: _params()[k] for k in ("bias", "kernel")}
+    hparams = dict(
+        learning_rate=3e-3, b1=0.5, b2=0.9, b3=0.99, eps1=1e-20, eps2=1e-12,
+        clip_threshold=0.5, weight_decay=0.1,
+    )  # fmt: skip
+    hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
 
-    jax.jit(build)(jnp.asarray(0.9))
+    def train(hp):
+        return _run(came_optax.came(**hp), steps=2, params=params)[0]
+
+    _assert_close_to_movement(jax.jit(train)(hparams), train(hparams), params)
+    with pytest.raises(ValueError, match="b1"):
+        train({**hparams, "b1": jnp.asarray(1.5)})
+    jax.jit(train)({**hparams, "b1": jnp.asarray(1.5)})  # traced: not checked
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from subprocesses import run_python
+from helpers import run_python
 
 from came_optax import cautious
 from came_optax._cautious import cautious_factor

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from subprocesses import REPO, run_python
+from helpers import REPO, assert_bitwise_equal, run_python
 
 import came_optax
 
@@ -86,17 +86,6 @@ def _make_step(tx):
     return step
 
 
-def _assert_bitwise_equal(a, b) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(
-        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
-    ):
-        x, y = np.asarray(x), np.asarray(y)
-        where = jax.tree_util.keystr(path)
-        assert (x.dtype, x.shape) == (y.dtype, y.shape), where
-        assert x.tobytes() == y.tobytes(), f"{where} differs"
-
-
 def _abstract(tree):
     device = jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -135,12 +124,12 @@ def test_resume_from_the_latest_checkpoint_is_bit_for_bit(name, tmp_path):
         start = manager.latest_step()
         restored = manager.restore(start, args=ocp.args.StandardRestore(target))
     assert start == LAST_SAVED
-    _assert_bitwise_equal(restored, saved)
+    assert_bitwise_equal(restored, saved)
 
     params, opt_state = restored["params"], restored["opt_state"]
     for t in range(start, TOTAL_STEPS):
         params, opt_state = step(params, opt_state, *_batch(t))
-    _assert_bitwise_equal({"params": params, "opt_state": opt_state}, uninterrupted)
+    assert_bitwise_equal({"params": params, "opt_state": opt_state}, uninterrupted)
 
 
 def test_restored_state_keeps_its_types_and_dtypes(tmp_path):
@@ -158,7 +147,7 @@ def test_restored_state_keeps_its_types_and_dtypes(tmp_path):
     assert came.mu["embed"].dtype == jnp.bfloat16
     assert came.count.dtype == jnp.int32 and int(came.count) == 1
     chex.assert_trees_all_equal_shapes_and_dtypes(came, opt_state.inner_state.inner_state[0])
-    _assert_bitwise_equal(restored, opt_state)
+    assert_bitwise_equal(restored, opt_state)
 
 
 def _run_worker(mode: str, directory: Path) -> dict:

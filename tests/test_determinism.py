@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from subprocesses import run_python
+from helpers import assert_bitwise_equal, run_python, tree_digest
 
 import came_optax
 
@@ -56,15 +55,6 @@ def _train(config: str, steps: int = 20):
     return params, state, losses
 
 
-def _digest(tree) -> str:
-    h = hashlib.sha256()
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        x = np.asarray(x)
-        h.update(f"{jax.tree_util.keystr(path)} {x.dtype} {x.shape}".encode())
-        h.update(x.tobytes())
-    return h.hexdigest()
-
-
 @functools.cache
 def _first_run(config: str):
     return _train(config)
@@ -72,16 +62,7 @@ def _first_run(config: str):
 
 def digest_of_run(config: str) -> str:
     """SHA-256 of every bit of a training run's params, optimizer state and losses."""
-    return _digest(_first_run(config))
-
-
-def _assert_bitwise_equal(a, b) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(
-        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
-    ):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
+    return tree_digest(_first_run(config))
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -89,7 +70,7 @@ def test_recompiled_runs_are_bitwise_identical(config):
     first = _first_run(config)
     jax.clear_caches()  # the second run compiles afresh
     second = _train(config)
-    _assert_bitwise_equal(first, second)
+    assert_bitwise_equal(first, second)
     assert np.isfinite(np.asarray(first[2])).all()
 
 
@@ -104,7 +85,7 @@ def test_repeated_eager_updates_are_bitwise_identical():
         for _ in range(2):
             updates, state = tx.update(grads, state, params)
         results.append((updates, state))
-    _assert_bitwise_equal(*results)
+    assert_bitwise_equal(*results)
 
 
 @pytest.mark.slow

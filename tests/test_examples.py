@@ -1,38 +1,28 @@
 """Smoke tests of ``examples/``: each script runs end to end with tiny flags in a subprocess.
 
 They check that a script exits cleanly, prints its markdown table and writes its PNG
-and JSON; the numbers themselves are what the README reports from full-size runs. The
-language-model tests compile one training loop per run and take 20-35 s on two CPU
-cores, so they are marked slow.
+and JSON; the numbers themselves are what the README reports from full-size runs. Each
+starts a fresh process that compiles one training loop per optimizer (20-35 s on two
+CPU cores), so all are marked slow.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+from helpers import REPO, run_python
 
 for module in ("flax", "matplotlib", "sklearn", "tqdm"):
     pytest.importorskip(module)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def run_example(script: str, out: pathlib.Path, *flags: str) -> str:
     """Runs ``examples/<script>`` with ``flags``, writing into ``out``; returns its stdout."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *flags, f"--out={out}", "--no-progress"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=path),
-        timeout=600,
-    )
+    script = str(REPO / "examples" / script)
+    result = run_python([script, *flags, f"--out={out}", "--no-progress"], timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
@@ -69,31 +59,25 @@ def test_train_lm_sweeps_lrs_and_seeds(tmp_path):
     assert all(r["seeds"] == 2 for r in report["table"])
 
 
-def test_train_cnn_prints_table_and_writes_plot(tmp_path):
-    stdout = run_example("train_cnn.py", tmp_path, "--steps=4", "--eval-every=2", "--channels=4")
+@pytest.mark.slow
+def test_train_cnn_reports_every_optimizer_and_cautious_forms_apart_from_their_base(tmp_path):
+    # One run of the default optimizers and the cautious forms. Each cautious form runs at its
+    # base optimizer's tuned rate and keeps its base's state; its mask changes the trajectory,
+    # so after 4 steps its test loss differs from the base's.
+    pairs = {"came-debias-cautious": "came-debias", "adamw-cautious": "adamw"}
+    names = ["came", "came-debias", "adamw", *pairs]
+    stdout = run_example(
+        "train_cnn.py", tmp_path, f"--optimizers={','.join(names)}", "--steps=4",
+        "--eval-every=2", "--channels=4",
+    )  # fmt: skip
     assert "| optimizer | peak lr | train loss | test loss | test acc. |" in stdout
-    for name in ("came", "came-debias", "adamw"):
+    for name in names:
         assert f"| {name} |" in stdout
     assert (tmp_path / "train_cnn.png").stat().st_size > 0
     report = json.loads((tmp_path / "train_cnn.json").read_text())
-    assert [r["optimizer"] for r in report["table"]] == ["came", "came-debias", "adamw"]
-    assert [step for step, *_ in report["runs"][0]["curve"]] == [2, 4]
-
-
-def test_train_cnn_runs_cautious_forms_apart_from_their_base(tmp_path):
-    # Each cautious form runs at its base optimizer's tuned rate and keeps its base's state; its
-    # mask changes the trajectory, so after 4 steps its test loss differs from the base's.
-    pairs = {"came-debias-cautious": "came-debias", "adamw-cautious": "adamw"}
-    optimizers = ",".join(name for pair in pairs.items() for name in pair)
-    stdout = run_example(
-        "train_cnn.py", tmp_path, f"--optimizers={optimizers}", "--steps=4", "--eval-every=2",
-        "--channels=4",
-    )  # fmt: skip
-    for name in pairs:
-        assert f"| {name} |" in stdout
-    runs = {
-        r["optimizer"]: r for r in json.loads((tmp_path / "train_cnn.json").read_text())["runs"]
-    }
+    assert [r["optimizer"] for r in report["table"]] == names
+    runs = {r["optimizer"]: r for r in report["runs"]}
+    assert [step for step, *_ in runs["came"]["curve"]] == [2, 4]
     for cautious, base in pairs.items():
         assert runs[cautious]["lr"] == runs[base]["lr"]
         assert runs[cautious]["state_bytes"] == runs[base]["state_bytes"]
@@ -102,6 +86,7 @@ def test_train_cnn_runs_cautious_forms_apart_from_their_base(tmp_path):
         assert losses[0] != losses[1]
 
 
+@pytest.mark.slow
 def test_convergence_study_prints_tables_and_writes_plot(tmp_path):
     stdout = run_example(
         "convergence_study.py", tmp_path, "--tasks=cnn", "--optimizers=adamw", "--seeds=0",

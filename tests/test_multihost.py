@@ -7,8 +7,6 @@ after a few steps must equal single-device training. Each worker runs
 picked by the OS, and both processes are killed if either fails or overruns.
 """
 
-import importlib.util
-import os
 import socket
 import subprocess
 import sys
@@ -18,19 +16,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import REPO, load_module, python_env
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_multihost_worker.py"
 NUM_PROCESSES = 2
 TIMEOUT_S = 240
 TOLERANCE = 1e-6
-
-
-def load_worker():
-    spec = importlib.util.spec_from_file_location("_multihost_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_loopback_port() -> int:
@@ -43,9 +34,8 @@ def free_loopback_port() -> int:
 
 def run_workers(out_path: Path) -> list[str]:
     """Runs the workers to completion; returns their outputs, killing all on any failure."""
-    env = dict(os.environ)
+    env = python_env()
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # The workers pick their device count themselves; a forced count would override it.
     env.pop("XLA_FLAGS", None)
     port = free_loopback_port()
@@ -95,7 +85,7 @@ def test_two_processes_match_single_process_training(tmp_path):
         outputs = run_workers(out_path)  # the free port was taken meanwhile
     assert all("8 global devices, done" in o for o in outputs), outputs
 
-    worker = load_worker()
+    worker = load_module("tests/_multihost_worker.py")
     x, y = worker.batches()
     want, _ = worker.train(worker.init_params(), x, y)
     got = np.load(out_path)

@@ -7,20 +7,19 @@ notebook's outputs (``jupyter nbconvert --clear-output --inplace notebooks/*.ipy
 import ast
 import importlib.metadata
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import jupytext
 import pytest
+from helpers import REPO, run_python
 
-ROOT = Path(__file__).parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
 def source_repository() -> str:
     """The GitHub URL that README.md names as the project's source repository."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     match = re.search(r"The source repository is <(https://github\.com/[^>]+)>", readme)
     assert match, "README.md does not name the source repository"
     return match.group(1)
@@ -68,7 +67,7 @@ def requirement_name(requirement: str) -> str:
 def installed_by(extras: list[str]) -> set[str]:
     """Distributions that ``pip install "came-optax[extras]"`` installs, one level deep."""
     tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     direct = list(project["dependencies"])
     for extra in extras:
         assert extra in project["optional-dependencies"], f"no extra named {extra!r}"
@@ -130,10 +129,10 @@ sys.exit(pytest.main(sys.argv[1:], plugins=[StopAtNotebookScript()]))
 def test_test_command_runs_each_notebook_once():
     """``--doctest-modules`` must not import (and so run) ``notebooks/*.py`` besides nbmake."""
     pytest.importorskip("nbmake")
-    result = subprocess.run(
-        [sys.executable, "-c", COLLECTION_PROBE, "--collect-only", "-q", "-p", "no:cacheprovider",
+    result = run_python(
+        ["-c", COLLECTION_PROBE, "--collect-only", "-q", "-p", "no:cacheprovider",
          "--doctest-modules", "--nbmake", "notebooks"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     collected = {line.split("::")[0] for line in result.stdout.splitlines() if "::" in line}

@@ -3,14 +3,13 @@
 import inspect
 import math
 import re
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 import came_optax
 
-ROOT = Path(__file__).parent.parent
-README = (ROOT / "README.md").read_text()
+README = (REPO / "README.md").read_text()
 
 
 def section(title: str) -> str:
@@ -32,7 +31,7 @@ def test_sixty_second_example_trains(capsys):
 
 def test_test_command_is_ci_command_and_shows_skip_reasons():
     """README's whole-suite test commands are the one CI runs, and say why tests are skipped."""
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
     commands = re.findall(r"python -m pytest [^\n`]*--doctest-modules[^\n`]*", README + ci)
     assert len(commands) >= 3, commands  # README's two and CI's
     assert len(set(commands)) == 1, commands

@@ -4,12 +4,10 @@
   as came-pytorch does; wrapped in ``optax.apply_if_finite`` a bad step leaves the
   parameters and CAME's state bit-identical and training continues as if the step
   had never happened.
-* Extreme but finite inputs (gradient scales from 1e-30 to 1e15, all-zero gradients,
+* Extreme but finite inputs (gradient scales from 1e-30 to 1e36, all-zero gradients,
   size-0 and size-1 axes, scalars, very wide and very tall matrices, bfloat16 and
-  float16 parameters for 1000 steps) keep the state and updates finite.
-* Gradients whose squares overflow float32 (|g| > 1.8e19) break CAME as they break
-  came-pytorch (an expected failure below); ``optax.clip_by_global_norm`` before
-  ``came()`` keeps such steps finite.
+  float16 parameters for 1000 steps) keep the state and updates finite. Gradients whose
+  squares overflow float32 (|g| > 1.8e19), where came-pytorch produces NaN, are rescaled.
 """
 
 from __future__ import annotations
@@ -20,28 +18,11 @@ import numpy as np
 import optax
 import pytest
 import reference_numpy
+from helpers import assert_bitwise_equal, assert_finite
 
 import came_optax
 
 LR = 1e-2
-
-
-def _leaves_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
-
-
-def _assert_leaves_finite(**trees) -> None:
-    for name, tree in trees.items():
-        for path, x in jax.tree_util.tree_leaves_with_path(tree):
-            assert jnp.all(jnp.isfinite(x)), f"{name}{jax.tree_util.keystr(path)} is not finite"
-
-
-def _assert_bitwise_equal(a, b) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
 
 
 def _gradients(shapes: dict, steps: int, scale: float = 1.0, seed: int = 0) -> list[dict]:
@@ -108,16 +89,16 @@ def test_apply_if_finite_skips_a_bad_step_bit_for_bit(bad, leaf):
     before_params, before_inner = params, state.inner_state
     params, state, updates = step(params, state, _poisoned(g1, leaf, bad))
     assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
-    _assert_bitwise_equal(params, before_params)
-    _assert_bitwise_equal(state.inner_state, before_inner)
+    assert_bitwise_equal(params, before_params)
+    assert_bitwise_equal(state.inner_state, before_inner)
     assert int(state.total_notfinite) == 1 and not bool(state.last_finite)
 
     # Training continues exactly as if the bad step had never been taken.
     for g in (g1, g2):
         params, state, _ = step(params, state, g)
     clean_params, clean_state, _ = _run(tx, _params(SHAPES), [g0, g1, g2], step)
-    _assert_bitwise_equal(params, clean_params)
-    _assert_bitwise_equal(state.inner_state, clean_state.inner_state)
+    assert_bitwise_equal(params, clean_params)
+    assert_bitwise_equal(state.inner_state, clean_state.inner_state)
     assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 1
 
 
@@ -139,9 +120,9 @@ def test_apply_if_finite_gives_up_after_max_consecutive_errors():
     params, state, _ = step(params, tx.init(params), g0)
     for _ in range(2):
         params, state, _ = step(params, state, nan_grads)
-        assert _leaves_finite(params) and _leaves_finite(state.inner_state)
+        assert_finite(params=params, state=state.inner_state)
     params, state, _ = step(params, state, nan_grads)
-    assert not _leaves_finite(params["w"])
+    assert not np.isfinite(np.asarray(params["w"])).all()
     assert int(state.total_notfinite) == 3
 
 
@@ -180,18 +161,7 @@ EXTREME_SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 4), "rank3": (2, 3
 def test_extreme_gradient_scales_keep_state_and_updates_finite(scale):
     grads_seq = _gradients(EXTREME_SHAPES, 5, scale=scale)
     params, state, updates = _run(CAME, _params(EXTREME_SHAPES), grads_seq, CAME_STEP)
-    _assert_leaves_finite(updates=updates, state=state, params=params)
-
-
-@pytest.mark.parametrize("scale", [1e20, 1e30, 3e38])
-def test_global_norm_clipping_upstream_keeps_huge_gradients_finite(scale):
-    # The documented remedy for gradients beyond float32's squares: clip_by_global_norm
-    # rescales them (or zeroes them where their norm itself overflows) before CAME.
-    tx = optax.chain(optax.clip_by_global_norm(1.0), came_optax.came(LR))
-    grads_seq = _gradients(EXTREME_SHAPES, 3)
-    grads_seq[1] = jax.tree.map(lambda g: np.float32(scale) * np.sign(g), grads_seq[1])
-    params, state, updates = _run(tx, _params(EXTREME_SHAPES), grads_seq)
-    _assert_leaves_finite(updates=updates, state=state, params=params)
+    assert_finite(updates=updates, state=state, params=params)
 
 
 @pytest.mark.parametrize("scale", [1e-10, 1e-3, 1e5, 1e15])
@@ -228,7 +198,7 @@ def _zero_steps_then_one(params):
 
 def test_many_all_zero_gradients_leave_no_trace():
     max_zero_updates, updates, fresh_updates, state = _zero_steps_then_one(_params(ZERO_SHAPES))
-    _assert_leaves_finite(updates=updates, state=state)
+    assert_finite(updates=updates, state=state)
     for k in ZERO_SHAPES:
         assert not np.any(np.asarray(max_zero_updates[k])), k
         # The statistics decayed towards eps1 and eps2 only: the next real gradient moves
@@ -243,7 +213,7 @@ def test_zero_rows_and_columns_in_a_matrix_stay_finite():
         g["p"][2, :] = 0.0
         g["p"][:, 3] = 0.0
     _, state, updates = _run(CAME, _params({"p": (6, 5)}), grads_seq, CAME_STEP)
-    _assert_leaves_finite(updates=updates, state=state)
+    assert_finite(updates=updates, state=state)
     assert not np.any(np.asarray(updates["p"])[2, :])
     assert not np.any(np.asarray(updates["p"])[:, 3])
 
@@ -267,7 +237,7 @@ def _check_against_reference(shapes: dict, steps: int = 3) -> None:
     grads_seq = _gradients(shapes, steps)
     params0 = _params(shapes)
     params, state, updates = _run(came_optax.came(LR, weight_decay=0.1), params0, grads_seq)
-    _assert_leaves_finite(updates=updates, state=state)
+    assert_finite(updates=updates, state=state)
     nonempty = [k for k, shape in shapes.items() if 0 not in shape]
     expected = reference_numpy.came_numpy(
         {k: np.asarray(params0[k]) for k in nonempty},
@@ -332,7 +302,8 @@ def _train_mlp(dtype, mu_dtype, steps):
 def test_low_precision_params_train_1000_steps(dtype, mu_dtype):
     (params, state), losses = _train_mlp(dtype, mu_dtype, steps=1000)
     losses = np.asarray(losses)
-    assert np.isfinite(losses).all() and _leaves_finite(params) and _leaves_finite(state)
+    assert np.isfinite(losses).all()
+    assert_finite(params=params, state=state)
     assert all(p.dtype == dtype for p in jax.tree.leaves(params))
     assert losses[-1] < 1e-2 * losses[0]
     # Still improving in the second half, not stuck or drifting back up.

@@ -8,7 +8,6 @@ subprocess (see :func:`test_eight_devices_round_like_one`), so this process keep
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 
 import jax
@@ -17,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from subprocesses import run_python
+from helpers import run_python, tree_digest
 
 from came_optax import StochasticRoundingState, stochastic_round_to_param_dtype
 from came_optax._rounding import _exact_update
@@ -338,11 +337,6 @@ def _init_params() -> dict:
     return jax.device_put(params, jax.devices()[0])
 
 
-def _digest(tree) -> str:
-    data = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(tree))
-    return hashlib.sha256(data).hexdigest()
-
-
 def test_resume_from_an_orbax_checkpoint_is_bit_for_bit(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     uninterrupted = _train(_init_params(), 6)
@@ -358,7 +352,7 @@ def test_resume_from_an_orbax_checkpoint_is_bit_for_bit(tmp_path):
     with ocp.StandardCheckpointer() as checkpointer:
         params, state = checkpointer.restore(tmp_path / "step3", target)
     assert int(state[1].count) == 3
-    assert _digest(_train(params, 3, start=3, state=state)) == _digest(uninterrupted)
+    assert tree_digest(_train(params, 3, start=3, state=state)) == tree_digest(uninterrupted)
 
 
 def _multidevice_params() -> dict:
@@ -392,12 +386,12 @@ def _eight_device_report() -> dict:
     return {
         "devices": jax.device_count(),
         "sharded": {k: not x.sharding.is_fully_replicated for k, x in sharded.items()},
-        "sharded_equal": _digest(sharded) == _digest(reference),
+        "sharded_equal": tree_digest(sharded) == tree_digest(reference),
         "replicas_equal": all(
-            _digest(jax.tree.map(lambda x, i=i: x[i], per_device)) == _digest(reference)
+            tree_digest(jax.tree.map(lambda x, i=i: x[i], per_device)) == tree_digest(reference)
             for i in range(8)
         ),
-        "digest": _digest(reference),
+        "digest": tree_digest(reference),
     }
 
 
@@ -412,7 +406,7 @@ def test_eight_devices_round_like_one():
     assert report["replicas_equal"]
     # This process, with one device, draws the same bits as that one.
     params = jax.device_put(_multidevice_params(), jax.devices()[0])
-    assert _digest(_train(params, 1)[0]) == report["digest"]
+    assert tree_digest(_train(params, 1)[0]) == report["digest"]
 
 
 if __name__ == "__main__":

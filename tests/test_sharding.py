@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import REPO, reduced_spec, run_python
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
-from subprocesses import REPO, run_python
 
 import came_optax
 from came_optax import state_shardings
@@ -34,12 +34,6 @@ SPECS = {
     "b": P("model"),
     "scale": P(),
 }
-
-
-def reduced(spec, ndim, axis):
-    entries = list(spec) + [None] * (ndim - len(spec))
-    del entries[axis]
-    return P(*entries)
 
 
 def same_spec(a, b, ndim):
@@ -69,9 +63,9 @@ def assert_came_specs(state, params, specs, factoring=None):
         row_axis, col_axis = axes
         assert same_spec(fields["v"][i], P(), 1)
         for stat in (fields["v_row"][i], fields["r_row"][i]):
-            assert same_spec(stat, reduced(spec, ndim, col_axis), ndim - 1), (i, stat)
+            assert same_spec(stat, reduced_spec(spec, ndim, col_axis), ndim - 1), (i, stat)
         for stat in (fields["v_col"][i], fields["r_col"][i]):
-            assert same_spec(stat, reduced(spec, ndim, row_axis), ndim - 1), (i, stat)
+            assert same_spec(stat, reduced_spec(spec, ndim, row_axis), ndim - 1), (i, stat)
 
 
 @pytest.mark.parametrize(
@@ -160,8 +154,8 @@ def test_multi_transform_with_adam_for_some_leaves():
     assert isinstance(adam.mu["w"], optax.MaskedNode)
     came = specs.inner_states["came"].inner_state[0]
     # The masked CAME state holds the statistics of 'conv' and 'w' only.
-    assert came.v_row["conv"] == reduced(SPECS["conv"], 4, 3) and came.v_row["w"] == P("data")
-    assert came.v_col["conv"] == reduced(SPECS["conv"], 4, 2) and came.v_col["w"] == P("model")
+    assert came.v_row["conv"] == reduced_spec(SPECS["conv"], 4, 3) and came.v_row["w"] == P("data")
+    assert came.v_col["conv"] == reduced_spec(SPECS["conv"], 4, 2) and came.v_col["w"] == P("model")
     assert came.mu["w"] == SPECS["w"]
     assert isinstance(came.mu["b"], optax.MaskedNode)
     assert isinstance(came.v_row["b"], optax.MaskedNode)
@@ -242,6 +236,7 @@ def test_two_meshes_and_non_transformations_are_errors():
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_eight_device_checks_in_a_subprocess():
     module = REPO / "tests" / "_multidevice_sharding.py"
     result = run_python(
