@@ -57,6 +57,8 @@ OPTIMIZERS = {
     "came": came_optax.came(1e-3),
     "came debias": came_optax.came(1e-3, debias=True),
     "came bf16 mu": came_optax.came(1e-3, mu_dtype="bfloat16"),
+    "came int8 mu": came_optax.came(1e-3, mu_dtype="int8"),
+    "came debias cautious": came_optax.came(1e-3, debias=True, cautious=True),
     "adamw": optax.adamw(1e-3),
     "adafactor": optax.adafactor(1e-3),
 }

@@ -7,7 +7,7 @@ from the same initialisation with a warm-up + cosine schedule peaking at the lea
 rate tuned for it. The script prints a table of final train/valid loss (nats per byte),
 optimizer-state bytes and step time, and writes a loss-curve PNG.
 
-The defaults take about 1¼ minutes on two CPU cores::
+The defaults take about 2 minutes on two CPU cores::
 
   python examples/train_lm.py
 
