@@ -213,28 +213,20 @@ def came_transformation(
         stats = [_layout.leaves_of(getattr(state, f), len(leaves), f, who) for f in fields]
         _checks.check_stat_shapes(paths, leaves, axes, stats[0], stats[2], who)
         count = optax.safe_increment(state.count)
-
-        def corrections(dtype):
-            if not debias:
-                return (None, None, None)
-            return tuple(_factored.bias_correction(hp[b], count, dtype) for b in ("b2", "b1", "b3"))
-
-        def step(leaves, mus, scales, *stats):
-            results = []
-            for g, mu, scale, *leaf_stats, a in zip(leaves, mus, scales, *stats, axes, strict=True):
-                g = g.astype(_factored.compute_dtype(g.dtype))
-                out, m, *new_stats = _leaf_step(
-                    g,
-                    _confidence.load_momentum(mu, scale, g.dtype),
-                    *leaf_stats,
-                    a,
-                    hp,
-                    corrections(_factored.stat_dtype(g.dtype)),
-                )
-                results.append((out, *_confidence.store_momentum(m, mu, scale), *new_stats))
-            return _layout.unzip(results, 8)
-
-        outs, new_mus, new_scales, *new_stats = step(leaves, mus, scales, *stats)
+        decays = (hp["b2"], hp["b1"], hp["b3"])
+        results = []
+        for g, mu, scale, *leaf_stats, a in zip(leaves, mus, scales, *stats, axes, strict=True):
+            g = g.astype(_factored.compute_dtype(g.dtype))
+            out, m, *new_stats = _leaf_step(
+                g,
+                _confidence.load_momentum(mu, scale, g.dtype),
+                *leaf_stats,
+                a,
+                hp,
+                _factored.bias_corrections(decays, count, _factored.stat_dtype(g.dtype), debias),
+            )
+            results.append((out, *_confidence.store_momentum(m, mu, scale), *new_stats))
+        outs, new_mus, new_scales, *new_stats = _layout.unzip(results, 8)
         new_state = ScaleByCameState(
             count,
             jax.tree.unflatten(treedef, new_mus),

@@ -270,33 +270,22 @@ def scale_by_confidence(
         scales = _layout.leaves_of(state.mu_scale, len(leaves), "mu_scale", who)
         _checks.check_stat_shapes(paths, leaves, axes, rows, mus, who)
         count = optax.safe_increment(state.count)
-
-        def corrections(dtype):
-            if not debias:
-                return (None, None)
-            return tuple(_factored.bias_correction(b, count, dtype) for b in (b1, b3))
-
-        def step(leaves, mus, scales, rows, cols):
-            results = []
-            for u, mu, scale, row, col, a in zip(
-                leaves, mus, scales, rows, cols, axes, strict=True
-            ):
-                u = u.astype(_factored.compute_dtype(u.dtype))
-                out, m, row, col = confidence_step(
-                    lambda consumer, u=u: _schedule.fresh(u, consumer),
-                    load_momentum(mu, scale, u.dtype),
-                    row,
-                    col,
-                    a,
-                    b1,
-                    b3,
-                    eps2,
-                    corrections(_factored.stat_dtype(u.dtype)),
-                )
-                results.append((out, *store_momentum(m, mu, scale), row, col))
-            return _layout.unzip(results, 5)
-
-        outs, new_mus, new_scales, new_rows, new_cols = step(leaves, mus, scales, rows, cols)
+        results = []
+        for u, mu, scale, row, col, a in zip(leaves, mus, scales, rows, cols, axes, strict=True):
+            u = u.astype(_factored.compute_dtype(u.dtype))
+            out, m, row, col = confidence_step(
+                lambda consumer, u=u: _schedule.fresh(u, consumer),
+                load_momentum(mu, scale, u.dtype),
+                row,
+                col,
+                a,
+                b1,
+                b3,
+                eps2,
+                _factored.bias_corrections((b1, b3), count, _factored.stat_dtype(u.dtype), debias),
+            )
+            results.append((out, *store_momentum(m, mu, scale), row, col))
+        outs, new_mus, new_scales, new_rows, new_cols = _layout.unzip(results, 5)
         new_state = ConfidenceState(
             count,
             jax.tree.unflatten(treedef, new_mus),

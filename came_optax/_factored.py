@@ -159,6 +159,11 @@ def bias_correction(decay: Any, count: jax.Array, dtype: Any = jnp.float32) -> j
     return -jnp.expm1(count.astype(dtype) * log_decay)
 
 
+def bias_corrections(decays: tuple[Any, ...], count: jax.Array, dtype: Any, debias: bool):
+    """:func:`bias_correction` of each decay, or Nones without ``debias``."""
+    return tuple(bias_correction(d, count, dtype) if debias else None for d in decays)
+
+
 def init_stats(leaf: Any, axes: Axes) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Zero ``(row, col, full)`` statistics for one leaf, placeholders where unused.
 
@@ -392,17 +397,13 @@ def scale_by_factored_second_moment(
         _checks.check_stat_shapes(paths, leaves, axes, rows, fulls, who)
         count = optax.safe_increment(state.count)
 
-        def step(leaves, rows, cols, fulls):
-            outs, stats = [], []
-            for g, row, col, full, a in zip(leaves, rows, cols, fulls, axes, strict=True):
-                g = g.astype(compute_dtype(g.dtype))
-                correction = bias_correction(b2, count, stat_dtype(g.dtype)) if debias else None
-                factors, new = second_moment_step(g, row, col, full, a, b2, eps1, correction)
-                outs.append(apply_factors(g, factors, a))
-                stats.append(new)
-            return outs, stats
-
-        outs, stats = step(leaves, rows, cols, fulls)
+        outs, stats = [], []
+        for g, row, col, full, a in zip(leaves, rows, cols, fulls, axes, strict=True):
+            g = g.astype(compute_dtype(g.dtype))
+            (correction,) = bias_corrections((b2,), count, stat_dtype(g.dtype), debias)
+            factors, new = second_moment_step(g, row, col, full, a, b2, eps1, correction)
+            outs.append(apply_factors(g, factors, a))
+            stats.append(new)
         new_rows, new_cols, new_fulls = _layout.unzip(stats, 3)
         new_state = FactoredSecondMomentState(
             count,

@@ -4,7 +4,7 @@ Every statistic CAME keeps is a tree with the parameters' structure, so that
 ``optax.tree.map_params`` and ``optax.tree.get`` work on the state as they do
 on ``optax.adam``'s. Two kinds of tree are built:
 
-* ``like_params``: the parameters' own structure, metadata boxes included. A
+* the parameters' own structure (``jax.tree.map`` over them), metadata boxes included. A
   momentum has its parameter's shape, so Flax's ``nnx.Variable`` or linen's
   ``nn.Partitioned`` annotations (its sharding) apply to it unchanged.
 * ``unboxed``: the same containers with each metadata box replaced by its

@@ -21,7 +21,7 @@ function still lowers for any platform:
 The first two are primitives with a CPU lowering and a default lowering (an
 ``optimization_barrier`` inside a ``lax.platform_dependent`` branch would be
 lost when XLA inlines the branch); the third is a ``platform_dependent``.
-:func:`forced` makes CPU compile the TPU/GPU program, for tests.
+:func:`forced_plain` makes CPU compile the TPU/GPU program, for tests.
 """
 
 from __future__ import annotations
