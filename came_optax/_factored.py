@@ -22,7 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.shard_alike import shard_alike
+
+try:  # removed in jax 0.11
+    from jax.experimental.shard_alike import shard_alike
+except ImportError:  # pragma: no cover - depends on the installed jax
+    shard_alike = None
 
 from came_optax import _checks, _layout, _schedule
 
@@ -135,12 +139,18 @@ def zeros_like_param(leaf: Any, dtype: Any) -> jax.Array:
     """Zeros of ``leaf``'s shape in ``dtype``, sharded like ``leaf`` even under ``jax.jit``.
 
     Inside ``jax.jit`` with auto axis types a constant is tied to no input, so the
-    partitioner would replicate it; ``shard_alike`` ties it to the parameter. Concrete
+    partitioner would replicate it; ``shard_alike`` ties it to the parameter (jax < 0.11;
+    later versions have no ``shard_alike``, so pass ``out_shardings``, for example from
+    :func:`came_optax.state_shardings`, when jitting ``init``). Concrete
     arrays and explicit axis types carry their sharding already. Inside ``shard_map``
     with manual axes each device holds its own block, so there is nothing to tie.
     """
     zeros = jnp.zeros_like(leaf, dtype=dtype)
-    if isinstance(leaf, jax.core.Tracer) and not jax.sharding.get_abstract_mesh().manual_axes:
+    if (
+        shard_alike is not None
+        and isinstance(leaf, jax.core.Tracer)
+        and not jax.sharding.get_abstract_mesh().manual_axes
+    ):
         zeros = shard_alike(leaf, zeros)[1]
     return zeros
 

@@ -18,9 +18,6 @@ import numpy as np
 import optax
 
 _NAME = "stochastic_round_to_param_dtype"
-# The step above float16's largest finite value (65504): a float32 between the two rounds
-# to infinity with probability proportional to its distance from 65504, as bfloat16 does.
-_FLOAT16_PAST_MAX = 65536.0
 
 
 class StochasticRoundingState(NamedTuple):
@@ -42,19 +39,23 @@ def _round_bfloat16(x: jax.Array, bits: jax.Array) -> jax.Array:
 
 
 def _round_float16(x: jax.Array, bits: jax.Array) -> jax.Array:
-    """Stochastic rounding of finite float32 ``x`` to float16 with uniform uint32 ``bits``."""
+    """Stochastic rounding of finite float32 ``x`` to float16 with uniform uint32 ``bits``.
+
+    float16's spacing at ``|x|`` is ``2**(e - 10)`` for a float32 exponent ``e >= -14`` and
+    ``2**-24`` below; it is built from ``x``'s exponent bits, so every step is exact in float32
+    and the result does not depend on how a compiler treats float16 intermediates (XLA:GPU may
+    drop a float32 -> float16 -> float32 round trip). Magnitudes from 65504 up to 65536 round
+    to infinity with probability proportional to their distance from 65504, as in bfloat16.
+    """
     magnitude = jnp.abs(x)
-    nearest = magnitude.astype(jnp.float16)
-    toward_zero = jnp.where(
-        nearest.astype(jnp.float32) > magnitude, jnp.nextafter(nearest, jnp.float16(0)), nearest
-    )
-    away = jnp.nextafter(toward_zero, jnp.float16(jnp.inf))
-    low = toward_zero.astype(jnp.float32)
-    high = jnp.where(jnp.isinf(away), _FLOAT16_PAST_MAX, away.astype(jnp.float32))
-    # Both differences are exact and the spacing is a power of two, so the fraction is exact.
-    fraction = (magnitude - low) / (high - low)
+    exponent = jnp.right_shift(jax.lax.bitcast_convert_type(magnitude, jnp.uint32), 23)
+    spacing_exponent = jnp.maximum(exponent, jnp.uint32(127 - 14)) - jnp.uint32(10)
+    spacing = jax.lax.bitcast_convert_type(jnp.left_shift(spacing_exponent, 23), jnp.float32)
+    low = jnp.floor(magnitude / spacing) * spacing
+    # Both the difference and the division by a power of two are exact.
+    fraction = (magnitude - low) / spacing
     uniform = jnp.right_shift(bits, jnp.uint32(8)).astype(jnp.float32) * np.float32(2.0**-24)
-    rounded = jnp.where(uniform < fraction, away, toward_zero)
+    rounded = (low + jnp.where(uniform < fraction, spacing, 0.0)).astype(jnp.float16)
     return jnp.where(jnp.signbit(x), -rounded, rounded)
 
 

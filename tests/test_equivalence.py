@@ -220,11 +220,16 @@ def test_injected_came_equals_the_chain_with_the_same_float32_hyperparameters(sc
 def test_each_platform_compiles_only_its_own_schedule():
     # The choice is made at lowering: on CPU the overflow guard is a conditional that
     # runs the rescaled reductions only when needed; the TPU/GPU program has none.
-    params = _params()
+    # Both are compiled for the CPU, also where the default device is an accelerator.
+    cpu_device = jax.devices("cpu")[0]
+    params = jax.device_put(_params(), cpu_device)
 
     def compiled():
         tx = came_optax.came(1e-2)  # a fresh function: jax caches traces per function
-        lowered = jax.jit(tx.update).lower(_grads(0, params), tx.init(params), params)
+        state = jax.device_put(tx.init(params), cpu_device)
+        lowered = jax.jit(tx.update).lower(
+            jax.device_put(_grads(0, params), cpu_device), state, params
+        )
         return lowered.compile().as_text()
 
     cpu = compiled()

@@ -250,18 +250,16 @@ def test_float32_update_reaches_every_rounded_value(dtype, ratio_bound):
     a = values[np.isfinite(magnitudes)]
     b = values[(magnitudes >= 1) & (magnitudes < 2)][::8]
 
-    @jax.jit
-    def check(a, b):
-        a, b = a[None, :], b[:, None]
-        result = optax.apply_updates(jnp.broadcast_to(b, (b.size, a.size)), _exact_update(a, b))
-        result, a32, b32 = result.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32)
-        reachable = (a32 == 0) | (jnp.abs(a32) >= ratio_bound * jnp.abs(b32))
-        wrong = jnp.sum(reachable & (result != a32))
-        return wrong, jnp.max(jnp.abs(result - a32) / jnp.abs(b32))
-
-    wrong, worst = check(a, b)
-    assert int(wrong) == 0
-    assert float(worst) <= 2.0**-24
+    # Only the step under test is compiled; the checks run in numpy, so that no compiler can
+    # keep the result in float32 or flush subnormals while comparing.
+    apply = jax.jit(
+        lambda a, b: optax.apply_updates(jnp.broadcast_to(b, (b.size, a.size)), _exact_update(a, b))
+    )
+    result = np.asarray(apply(a[None, :], b[:, None])).astype(np.float32)
+    a32, b32 = a.astype(np.float32)[None, :], b.astype(np.float32)[:, None]
+    reachable = (a32 == 0) | (np.abs(a32) >= ratio_bound * np.abs(b32))
+    assert np.sum(reachable & (result != a32)) == 0
+    assert np.max(np.abs(result - a32) / np.abs(b32)) <= 2.0**-24
 
 
 def test_non_finite_values_pass_through():
@@ -405,7 +403,7 @@ def test_eight_devices_round_like_one():
     assert report["sharded_equal"]
     assert report["replicas_equal"]
     # This process, with one device, draws the same bits as that one.
-    params = jax.device_put(_multidevice_params(), jax.devices()[0])
+    params = jax.device_put(_multidevice_params(), jax.devices("cpu")[0])
     assert tree_digest(_train(params, 1)[0]) == report["digest"]
 
 
