@@ -19,12 +19,16 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/came-optax/came_optax/blob/main/notebooks/came_vs_adamw.ipynb)
 #
 # A small causal transformer learns to predict the next character of CPython's own help
-# texts (`pydoc_data.topics`, part of the standard library, so nothing is downloaded). Four
+# texts (`pydoc_data.topics`, part of the standard library, so nothing is downloaded). Six
 # optimizers train it from the same initialisation on the same batches:
 #
 # * `optax.adamw`, without weight decay (CAME's default);
 # * `came_optax.came`, as in the paper and came-pytorch;
 # * `came_optax.came(debias=True)`, with Adam-style bias correction (beyond the paper);
+# * the cautious forms of the last and the first (Liang et al., 2024):
+#   `came_optax.came(debias=True, cautious=True)`, and AdamW with its Adam stage wrapped in
+#   `came_optax.cautious`, which zeroes the coordinates whose update disagrees in sign with
+#   the gradient and rescales the rest;
 # * `optax.adafactor`, whose factored second moment CAME builds on.
 #
 # Each gets a three-point learning-rate sweep around its usual value (CAME's updates are
@@ -64,12 +68,19 @@ LEARNING_RATES = {
     "adamw": [1e-3, 3e-3, 1e-2],
     "came": [1e-4, 3e-4, 1e-3],
     "came, debias": [1e-3, 3e-3, 1e-2],
+    "came, debias, cautious": [1e-3, 3e-3, 1e-2],
+    "adamw, cautious": [1e-3, 3e-3, 1e-2],
     "adafactor": [1e-2, 3e-2, 1e-1],
 }
 OPTIMIZERS = {
     "adamw": lambda lr: optax.adamw(lr, weight_decay=0.0),
     "came": lambda lr: came_optax.came(lr),
     "came, debias": lambda lr: came_optax.came(lr, debias=True),
+    "came, debias, cautious": lambda lr: came_optax.came(lr, debias=True, cautious=True),
+    # optax.adamw(lr, weight_decay=0.0) is this chain; the mask wraps its Adam stage.
+    "adamw, cautious": lambda lr: optax.chain(
+        came_optax.cautious(optax.scale_by_adam()), optax.scale_by_learning_rate(lr)
+    ),
     "adafactor": lambda lr: optax.adafactor(lr),
 }
 
@@ -176,7 +187,7 @@ for name, make_optimizer in OPTIMIZERS.items():
         f"{lr:g}: {v:.3f}" for lr, v in zip(LEARNING_RATES[name], val_losses, strict=True)
     )
     print(
-        f"{name:13s} validation loss by learning rate  {summary}  "
+        f"{name:22s} validation loss by learning rate  {summary}  "
         f"({time.perf_counter() - start:.0f} s)"
     )
 
@@ -218,6 +229,11 @@ plt.show()
 # * **CAME keeps up with AdamW.** Both CAME variants end close to AdamW;
 #   `optax.adafactor` (no momentum by default, steps relative to each parameter's scale)
 #   trails them here.
+# * **The cautious mask** costs no memory and one elementwise pass. On a CPU, in this
+#   notebook, it lowers the best validation loss of both CAME (`debias=True`) and AdamW, and
+#   the cautious CAME ends lowest of all. One seed on a tiny model is only indicative: the
+#   convergence study in the README measures the masks over seeds and learning-rate grids
+#   on the examples' two tasks.
 #
 # ## State memory
 #
