@@ -107,6 +107,31 @@ def test_zero_blocks_stay_exactly_zero():
     assert back[16, 0] == np.float32(-1e-30)  # the block's absmax comes back exactly
 
 
+def _bits(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+@pytest.mark.parametrize("shape", [s for s in BLOCKS if _quantize._row_groups(BLOCKS[s])], ids=str)
+def test_tpu_layout_quantizes_like_the_tiles_bit_for_bit(shape):
+    """A TPU's program (8-row groups, reduce-windows), run here, gives the tiles' values."""
+    block = BLOCKS[shape]
+    tiles = _quantize._tiles(shape, block, None)
+    rows = _quantize._rows(_quantize._row_groups(block), None)
+    x = _momentum_like(shape, seed=4)
+    x.reshape(-1)[[5, 700]] = np.nan, np.inf
+    x[..., -block[-2] :, -block[-1] :] = 0.0  # a block of zeros
+    q, scale = jax.jit(lambda x: _quantize._quantize(x, tiles))(x)
+    assert np.isinf(scale).any() and (np.asarray(scale) == 0).any()
+    on_tpu = jax.jit(lambda x: _quantize._quantize(x, rows))(x)
+    np.testing.assert_array_equal(_bits(on_tpu[0]), _bits(q))
+    np.testing.assert_array_equal(_bits(on_tpu[1]), _bits(scale))
+    dequantize = jax.jit(_quantize._dequantize, static_argnums=(2, 3))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        back = dequantize(q, scale, dtype, tiles)
+        np.testing.assert_array_equal(_bits(dequantize(q, scale, dtype, rows)), _bits(back))
+
+
 def _confidence_run(mu_dtype, updates):
     """scale_by_confidence fed fixed updates: its momentum does not depend on its output."""
     tx = came_optax.scale_by_confidence(0.9, mu_dtype=mu_dtype)
