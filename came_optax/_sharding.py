@@ -13,6 +13,7 @@ restoration.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,26 @@ def _axis_names(spec: PartitionSpec) -> list[str]:
     return names
 
 
+def _divisible(
+    spec: PartitionSpec, shape: tuple[int, ...], sizes: dict[str, int] | None
+) -> PartitionSpec:
+    """``spec`` without the mesh axes that do not divide the dimension they split.
+
+    The state's own leaves can be smaller than the parameter along a sharded axis (an int8
+    momentum's block scales: ``768 / 256 = 3`` columns of scales cannot split 8 ways); such a
+    dimension is replicated. With PartitionSpecs only, the mesh sizes are unknown and ``spec``
+    is returned as is.
+    """
+    if sizes is None:
+        return spec
+    entries = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        split = math.prod(sizes[n] for n in names)
+        entries.append(entry if dim % split == 0 else None)
+    return PartitionSpec(*entries)
+
+
 def _output_kind(given: list[ShardingOrSpec]) -> Callable[[PartitionSpec], ShardingOrSpec]:
     """Turns a state leaf's spec into the kind of object the parameters came with."""
     named = [s for s in given if isinstance(s, NamedSharding)]
@@ -111,7 +132,12 @@ def state_shardings(
       wherever the parameter is, and a mesh axis on the averaged axis is dropped
       (the mean is all-reduced over it);
     * step counts, injected hyperparameters and other leaves not derived from a
-      parameter are replicated (``P()``).
+      parameter are replicated (``P()``);
+    * with ``NamedSharding``\ s (known mesh sizes), a mesh axis that does not
+      divide the state leaf's dimension it would split is dropped from that
+      dimension, which is then replicated: an int8 momentum's block scales of a
+      ``(50257, 768)`` parameter are ``(50257, 3)``, which 8 devices cannot
+      split along the columns.
 
     Args:
       tx: an optax ``GradientTransformation`` (or any object with ``init``), or
@@ -220,11 +246,13 @@ def state_shardings(
         ) from e
 
     to_output = _output_kind(given)
+    named = [s for s in given if isinstance(s, NamedSharding)]
+    sizes = dict(named[0].mesh.shape) if named else None
 
     def leaf_sharding(x: jax.ShapeDtypeStruct) -> ShardingOrSpec:
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.axis_names:
-            return to_output(sharding.spec)
+            return to_output(_divisible(sharding.spec, x.shape, sizes))
         return to_output(PartitionSpec())
 
     return jax.tree.map(leaf_sharding, abstract_state)

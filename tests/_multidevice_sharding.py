@@ -255,6 +255,22 @@ def test_state_shardings_equal_what_jit_init_produces(axis_type, tx_kwargs):
         assert got.sharding.is_equivalent_to(want, got.ndim), (got.sharding, want)
 
 
+def test_state_shardings_replicate_what_the_mesh_cannot_split():
+    # (257, 768) over 8 "model" devices: 96 columns each, but an int8 momentum's 256-wide
+    # blocks leave 3 columns of scales, which 8 cannot split; they are replicated instead.
+    mesh = make_mesh((1, 8), "auto")
+    params = place({"w": jnp.ones((257, 768))}, mesh, {"w": P(None, "model")})
+    tx = came_optax.came(1e-2, mu_dtype="int8")
+    shardings = state_shardings(tx, params)
+    scale = jax.eval_shape(tx.init, params)[0].mu_scale["w"]
+    assert scale.shape[1] % 8 != 0, scale.shape
+    assert shardings[0].mu_scale["w"].spec == P(None, None)
+    assert shardings[0].mu["w"].spec == P(None, "model")
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    _, state = jax.jit(tx.update, out_shardings=(None, shardings))(params, state, params)
+    assert state[0].mu["w"].sharding.spec == P(None, "model")
+
+
 @pytest.mark.parametrize("mesh_shape, axis_type", MESH_CASES, ids=mesh_case_id)
 def test_sharded_training_matches_unsharded(mesh_shape, axis_type):
     want, _ = unsharded_run()
