@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TARGETS = ("tpu-v5e-1", "tpu-v5e-8")
-CAME = ("came", "came debias")
+CAME = ("came", "came debias", "came int8 mu")
 
 # Regression thresholds from the issue "Fast where users train": CAME's step may read and write
 # at most 10% more bytes than optax.adamw's (XLA's cost analysis, per chip), and its program
@@ -43,6 +43,7 @@ model = _models.gpt2(256, 1, vocab=4096, context=256)
 optimizers = {
     "came": came_optax.came(1e-3),
     "came debias": came_optax.came(1e-3, debias=True),
+    "came int8 mu": came_optax.came(1e-3, mu_dtype="int8"),
     "adamw": optax.adamw(1e-3),
 }
 costs = {
