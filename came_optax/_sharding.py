@@ -71,28 +71,29 @@ def _axis_names(spec: PartitionSpec) -> list[str]:
     return names
 
 
-def _divisible(
-    spec: PartitionSpec, shape: tuple[int, ...], sizes: dict[str, int] | None
-) -> PartitionSpec:
+def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Any) -> PartitionSpec:
     """``spec`` without the mesh axes that do not divide the dimension they split.
 
     The state's own leaves can be smaller than the parameter along a sharded axis (an int8
     momentum's block scales: ``768 / 256 = 3`` columns of scales cannot split 8 ways); such a
-    dimension is replicated. With PartitionSpecs only, the mesh sizes are unknown and ``spec``
-    is returned as is.
+    dimension is replicated.
     """
-    if sizes is None:
-        return spec
+    sizes = dict(mesh.shape)
     entries = []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-        split = math.prod(sizes[n] for n in names)
+        split = math.prod(sizes[name] for name in _axis_names(PartitionSpec(entry)))
         entries.append(entry if dim % split == 0 else None)
     return PartitionSpec(*entries)
 
 
-def _output_kind(given: list[ShardingOrSpec]) -> Callable[[PartitionSpec], ShardingOrSpec]:
-    """Turns a state leaf's spec into the kind of object the parameters came with."""
+def _output_kind(
+    given: list[ShardingOrSpec],
+) -> Callable[[PartitionSpec, tuple[int, ...]], ShardingOrSpec]:
+    """Turns a state leaf's spec and shape into the kind of object the parameters came with.
+
+    With NamedShardings the mesh sizes are known, and a mesh axis that does not divide
+    the leaf's dimension is dropped (:func:`_divisible`); PartitionSpecs pass as they are.
+    """
     named = [s for s in given if isinstance(s, NamedSharding)]
     if named:
         mesh = named[0].mesh
@@ -103,12 +104,14 @@ def _output_kind(given: list[ShardingOrSpec]) -> Callable[[PartitionSpec], Shard
             )
         kinds = {s.memory_kind for s in named}
         memory_kind = kinds.pop() if len(kinds) == 1 else None
-        return lambda spec: NamedSharding(mesh, spec, memory_kind=memory_kind)
+        return lambda spec, shape: NamedSharding(
+            mesh, _divisible(spec, shape, mesh), memory_kind=memory_kind
+        )
     other = [s for s in given if isinstance(s, Sharding)]
     if other:
         # Only fully replicated (for example single-device) shardings get here.
-        return lambda spec: other[0]
-    return lambda spec: spec
+        return lambda spec, shape: other[0]
+    return lambda spec, shape: spec
 
 
 def state_shardings(
@@ -246,13 +249,11 @@ def state_shardings(
         ) from e
 
     to_output = _output_kind(given)
-    named = [s for s in given if isinstance(s, NamedSharding)]
-    sizes = dict(named[0].mesh.shape) if named else None
 
     def leaf_sharding(x: jax.ShapeDtypeStruct) -> ShardingOrSpec:
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.axis_names:
-            return to_output(_divisible(sharding.spec, x.shape, sizes))
-        return to_output(PartitionSpec())
+            return to_output(sharding.spec, x.shape)
+        return to_output(PartitionSpec(), x.shape)
 
     return jax.tree.map(leaf_sharding, abstract_state)
