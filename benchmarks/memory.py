@@ -7,8 +7,10 @@ gives, for CAME and for optax's optimizers alike). A leaf's bytes on one device 
 ``prod(sharding.shard_shape(shape)) * itemsize``; on the 8-device mesh the parameters are
 sharded FSDP-style: each leaf's largest axis that 8 divides is split over the 8 devices, and a
 leaf with no such axis is replicated. A state leaf follows its parameter (a row or column
-statistic drops the averaged axis); one that an 8-way split does not divide (an int8 block
-scale whose parameter's shard is not a whole number of blocks) is counted replicated.
+statistic drops the averaged axis), except along a dimension the split does not divide (an
+int8 block scale whose parameter's shard is not a whole number of blocks), which
+``state_shardings`` replicates; a sharding that still did not divide its leaf would be counted
+replicated, and the output would say so.
 ``optax.adafactor``'s factored statistics are vectors created with ``jnp.zeros``; they follow
 their parameter's sharding where the propagation gives one and are replicated otherwise.
 
@@ -186,9 +188,14 @@ def main() -> None:
     print(
         "\nParameter plus optimizer-state bytes per device. On 8 devices each parameter's "
         "largest axis that 8 divides is sharded (FSDP) and the state as "
-        "came_optax.state_shardings derives it from the parameters'; state leaves that an "
-        "8-way split does not divide are counted replicated (at most "
-        f"{replicated / 2**20:,.1f} MiB per device)."
+        "came_optax.state_shardings derives it from the parameters' (replicating what an "
+        "8-way split does not divide)."
+        + (
+            f" State leaves whose sharding does not divide them are counted replicated (at "
+            f"most {replicated / 2**20:,.1f} MiB per device)."
+            if replicated
+            else ""
+        )
     )
 
 
