@@ -16,6 +16,7 @@ statement of this math; :func:`scale_by_factored_second_moment` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -207,11 +208,18 @@ def ema(old: jax.Array, new: jax.Array, decay: Any) -> jax.Array:
 def inverse_root_vectors(
     row: jax.Array, col: jax.Array, axes: tuple[int, int], correction: Any = None
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Row and column vectors whose outer product is :math:`(\hat X / c)^{-1/2}`."""
-    normalised = row / jnp.mean(row, axis=axes[0], keepdims=True)
+    r"""Row and column vectors whose outer product is :math:`(\hat X / c)^{-1/2}`.
+
+    The mean of the rows divides the column vector, :math:`R^{-1/2}` and
+    :math:`(C / (c \operatorname{mean} R))^{-1/2}`, so the row vector is
+    elementwise in ``row`` and compiles into the kernel that produced it.
+    """
+    # The mean drops the row axis; the column statistic lacks it, so its axes follow it.
+    mean = jnp.expand_dims(jnp.mean(row, axis=axes[0]), axes[1] - 1)
+    normalised = col / mean
     if correction is not None:
         normalised = normalised / correction
-    return jax.lax.rsqrt(normalised), jax.lax.rsqrt(col)
+    return jax.lax.rsqrt(row), jax.lax.rsqrt(normalised)
 
 
 def outer(x: jax.Array, r: jax.Array, c: jax.Array, axes: tuple[int, int]) -> jax.Array:
@@ -227,8 +235,8 @@ def factored_means(x: jax.Array, axes: tuple[int, int]) -> tuple[jax.Array, jax.
 
 
 def second_moment_means(
-    g: jax.Array, axes: Axes, eps1: Any
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    g: jax.Array, axes: Axes, eps1: Any, then: Callable[..., Any] | None = None
+) -> Any:
     r"""This step's means of :math:`|s g|^2 + \epsilon_1` and the scale :math:`s`.
 
     ``s`` is 1 unless the mean of this step's row means (of all of them for an
@@ -242,7 +250,15 @@ def second_moment_means(
     scale except through :math:`\epsilon_1` and the EMA history, so this keeps
     training finite where came-pytorch produces NaN. Non-finite gradients pass
     through.
+
+    Returns ``(s, means)``, or ``then(s, means)`` when ``then`` is given: what
+    ``then`` computes falls on the same side of the overflow guard, so on TPUs
+    and GPUs both candidates' results are computed and one is selected at the
+    end (for an unfactored leaf the clip's reduction then shares the finiteness
+    check's pass instead of waiting for it).
     """
+    if then is None:
+        then = lambda scale, means: (scale, means)  # noqa: E731
     if axes is None:
         plain = (abs_square(g) + eps1,)
     else:
@@ -267,7 +283,7 @@ def second_moment_means(
         # A product with ones shaped (and, with explicit axes, sharded) like the plain means.
         return rescale, (rows, jnp.ones_like(plain[1]) * cols)
 
-    return _schedule.overflow_guard(finite, lambda: (one, plain), rescaled)
+    return _schedule.overflow_guard(finite, lambda: then(one, plain), lambda: then(*rescaled()))
 
 
 def second_moment_step(
@@ -279,22 +295,34 @@ def second_moment_step(
     b2: Any,
     eps1: Any,
     correction: Any,
-) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array, jax.Array]]:
+    then: Callable[[tuple[jax.Array, ...]], Any] | None = None,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array, jax.Array], Any]:
     """Folds one gradient into a leaf's second moment.
 
-    Returns ``(factors, (row, col, full))``: the new statistics, and the
+    Returns ``(factors, (row, col, full), extra)``: the new statistics, and the
     inverse-root factors, with the overflow scale folded in, such that the
     stage's output is ``g * factors[0]`` (unfactored) or
-    ``outer(g, *factors, axes)`` (factored).
+    ``outer(g, *factors, axes)`` (factored); ``extra`` is ``then(factors)``,
+    computed on the same side of the overflow guard (see
+    :func:`second_moment_means`), or None.
     """
-    scale, means = second_moment_means(g, axes, eps1)
-    if axes is None:
-        full = ema(full, means[0], b2)
-        v_hat = full if correction is None else full / correction
-        return (jax.lax.rsqrt(v_hat) * scale,), (row, col, full)
-    row, col = ema(row, means[0], b2), ema(col, means[1], b2)
-    r, c = inverse_root_vectors(row, col, axes, correction)
-    return (r * scale, c), (row, col, full)
+
+    def fold(scale, means):
+        if axes is None:
+            new_full = ema(full, means[0], b2)
+            v_hat = new_full if correction is None else new_full / correction
+            factors, stats = (jax.lax.rsqrt(v_hat) * scale,), (row, col, new_full)
+        else:
+            new_row, new_col = ema(row, means[0], b2), ema(col, means[1], b2)
+            r, c = inverse_root_vectors(new_row, new_col, axes, correction)
+            factors, stats = (r * scale, c), (new_row, new_col, full)
+        return factors, stats, None if then is None else then(factors)
+
+    if then is None:
+        # Selecting the means, not everything computed from them, keeps the row and
+        # column vectors' arithmetic in one copy.
+        return fold(*second_moment_means(g, axes, eps1))
+    return second_moment_means(g, axes, eps1, fold)
 
 
 def apply_factors(g: jax.Array, factors: tuple[jax.Array, ...], axes: Axes) -> jax.Array:
@@ -411,7 +439,7 @@ def scale_by_factored_second_moment(
         for g, row, col, full, a in zip(leaves, rows, cols, fulls, axes, strict=True):
             g = g.astype(compute_dtype(g.dtype))
             (correction,) = bias_corrections((b2,), count, stat_dtype(g.dtype), debias)
-            factors, new = second_moment_step(g, row, col, full, a, b2, eps1, correction)
+            factors, new, _ = second_moment_step(g, row, col, full, a, b2, eps1, correction)
             outs.append(apply_factors(g, factors, a))
             stats.append(new)
         new_rows, new_cols, new_fulls = _layout.unzip(stats, 3)
