@@ -75,14 +75,21 @@ def _recomputed_update(g, r, c, axes) -> Callable[[str], jax.Array]:
 def _leaf_step(g, mu, row, col, full, r_row, r_col, axes, hp, corrections):
     """One leaf of :func:`scale_by_came`: returns ``(out, m, stats...)``."""
     c2, c1, c3 = corrections
-    factors, (row, col, full) = _factored.second_moment_step(
-        g, row, col, full, axes, hp["b2"], hp["eps1"], c2
-    )
     clip = hp["clip_threshold"]
+
+    def divisor(factors):
+        return clip_divisor(lambda consumer: _factored.apply_factors(g, factors, None), clip)
+
+    # An unfactored leaf's clip reduction is taken inside the overflow guard, beside its
+    # finiteness check; a factored leaf's needs its own pass over g anyway.
+    inside = divisor if axes is None and clip is not None else None
+    factors, (row, col, full), div = _factored.second_moment_step(
+        g, row, col, full, axes, hp["b2"], hp["eps1"], c2, inside
+    )
     if axes is None:
         u = _factored.apply_factors(g, factors, None)
-        if clip is not None:
-            u = u / clip_divisor(lambda consumer: u, clip)
+        if div is not None:
+            u = u / div
         u_fn = lambda consumer: u
     else:
         r, c = factors

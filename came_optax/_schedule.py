@@ -16,7 +16,9 @@ function still lowers for any platform:
 * :func:`overflow_guard` replaces an overflowing second moment by a rescaled
   one. On CPU a ``lax.cond`` runs the rescaled reductions only when needed;
   on TPUs and GPUs, where a ``conditional`` costs a host round trip, a select
-  between reductions computed in the same pass.
+  between both candidates, computed in the same passes (for an unfactored
+  leaf, the clip's reduction included, so it does not wait for the finiteness
+  check).
 
 The first two are primitives with a CPU lowering and a default lowering (an
 ``optimization_barrier`` inside a ``lax.platform_dependent`` branch would be
