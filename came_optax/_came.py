@@ -62,12 +62,19 @@ def clip_divisor(u_fn: Callable[[str], jax.Array], threshold: Any):
     return jnp.maximum(1.0, rms / threshold)
 
 
-def _recomputed_update(g, r, c, axes) -> Callable[[str], jax.Array]:
-    """The stage-1 output ``outer(g, r, c)``, recomputed by each consumer."""
+def _recomputed_update(g, r, c, axes, divisor=None) -> Callable[[str], jax.Array]:
+    """The stage-1 output ``outer(g, r, c) / divisor``, recomputed by each consumer.
+
+    Each full-size consumer multiplies by the scalar's reciprocal itself: a divided row
+    vector would be one more small kernel on GPUs, and a division per element is slow on CPUs.
+    """
 
     def u_fn(consumer: str) -> jax.Array:
-        g_, r_, c_ = _schedule.fresh((g, r, c), consumer)
-        return _factored.outer(g_, r_, c_, axes)
+        if divisor is None:
+            g_, r_, c_ = _schedule.fresh((g, r, c), consumer)
+            return _factored.outer(g_, r_, c_, axes)
+        g_, r_, c_, s_ = _schedule.fresh((g, r, c, 1.0 / divisor), consumer)
+        return _factored.outer(g_, r_, c_, axes) * s_
 
     return u_fn
 
@@ -92,10 +99,9 @@ def _leaf_step(g, mu, row, col, full, r_row, r_col, axes, hp, corrections):
             u = u / div
         u_fn = lambda consumer: u
     else:
-        r, c = factors
+        u_fn = _recomputed_update(g, *factors, axes)
         if clip is not None:
-            r = r / clip_divisor(_recomputed_update(g, r, c, axes), clip)
-        u_fn = _recomputed_update(g, r, c, axes)
+            u_fn = _recomputed_update(g, *factors, axes, clip_divisor(u_fn, clip))
     out, m, r_row, r_col = _confidence.confidence_step(
         u_fn, mu, r_row, r_col, axes, hp["b1"], hp["b3"], hp["eps2"], (c1, c3)
     )
