@@ -6,7 +6,8 @@ and calls the same per-leaf functions, but hands them the clipped update as a
 function of the gradient and two small vectors instead of an array: every
 full-size consumer (the clip's mean square, the momentum, the two instability
 reductions) recomputes it, so no parameter-sized intermediate is stored
-between kernels, and the clip factor is folded into the row vector.
+between kernels; the consumers after the clip multiply by its divisor's
+reciprocal themselves.
 """
 
 from __future__ import annotations
