@@ -14,8 +14,16 @@ import json
 import pytest
 from helpers import run_python
 
+
+def _has_cuda_plugin() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax plugin at all
+        return False
+
+
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    not _has_cuda_plugin(),
     reason="compiling for a GPU needs the CUDA plugin: "
     "pip install jax-cuda12-plugin jax-cuda12-pjrt of jax's version",
 )
