@@ -214,7 +214,8 @@ def inverse_root_vectors(
     :math:`(C / (c \operatorname{mean} R))^{-1/2}`, so the row vector is
     elementwise in ``row`` and compiles into the kernel that produced it.
     """
-    # The mean drops the row axis; the column statistic lacks it, so its axes follow it.
+    # The mean lacks both factored axes; the column statistic lacks only the row axis, so the
+    # column axis goes back at its position there, axes[1] - 1.
     mean = jnp.expand_dims(jnp.mean(row, axis=axes[0]), axes[1] - 1)
     normalised = col / mean
     if correction is not None:
