@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from came_optax import _checks, _factored
+from came_optax import _cautious, _checks, _factored
 from came_optax._came import came_transformation
 from came_optax._rounding import stochastic_round_to_param_dtype
 
@@ -181,16 +181,23 @@ def came(
         _checks.check_range("learning_rate", learning_rate, 0.0)
     _checks.check_range("weight_decay", weight_decay, 0.0)
     _check_mask(mask)
+    if not isinstance(cautious, bool):
+        raise ValueError(f"cautious must be a Python bool decided at trace time; got {cautious!r}.")
+    preconditioner = came_transformation(
+        b1,
+        b2,
+        b3,
+        eps1,
+        eps2,
+        clip_threshold,
+        mu_dtype,
+        debias,
+        factored_dims,
+        min_dim_size_to_factor,
+        who="came",
+    )
     tx = optax.chain(
-        came_transformation(
-            dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold),
-            mu_dtype,
-            cautious=cautious,
-            debias=debias,
-            factored_dims=factored_dims,
-            min_dim_size_to_factor=min_dim_size_to_factor,
-            who="came",
-        ),
+        _cautious.cautious(preconditioner) if cautious else preconditioner,
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
         stochastic_round_to_param_dtype(seed) if stochastic_rounding else cast_to_param_dtype(),

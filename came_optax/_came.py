@@ -1,28 +1,20 @@
-r"""CAME's three preconditioning stages as one transformation, computed jointly.
+r"""CAME's three preconditioning stages as one transformation.
 
 :func:`scale_by_came` has the values of the chain
 ``scale_by_factored_second_moment -> clip_by_block_rms -> scale_by_confidence``
-and calls the same per-leaf functions, but hands them the clipped update as a
-function of the gradient and two small vectors instead of an array: every
-full-size consumer (the clip's mean square, the momentum, the two instability
-reductions) recomputes it, so no parameter-sized intermediate is stored
-between kernels; the consumers after the clip multiply by its divisor's
-reciprocal themselves.
+and calls the same per-leaf functions, with one count and one state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from came_optax import _cautious, _checks, _confidence, _factored, _layout, _schedule
-
-# The cautious mask's floor on the kept fraction (the authors' reference value).
-CAUTIOUS_FLOOR = 1e-3
+from came_optax import _checks, _confidence, _factored, _leaves
 
 
 class ScaleByCameState(NamedTuple):
@@ -57,58 +49,20 @@ class ScaleByCameState(NamedTuple):
     mu_scale: optax.Params
 
 
-def clip_divisor(u_fn: Callable[[str], jax.Array], threshold: Any):
-    r"""``optax.clip_by_block_rms``'s divisor :math:`\max(1, \operatorname{RMS}(u) / d)`."""
-    rms = jnp.sqrt(_schedule.mean(_factored.abs_square(u_fn("clip")), None))
-    return jnp.maximum(1.0, rms / threshold)
+FIELDS = {
+    "mu": "param",
+    "v_row": "row",
+    "v_col": "col",
+    "v": "full",
+    "r_row": "row",
+    "r_col": "col",
+    "mu_scale": None,
+}
 
 
-def _recomputed_update(g, r, c, axes, divisor=None) -> Callable[[str], jax.Array]:
-    """The stage-1 output ``outer(g, r, c) / divisor``, recomputed by each consumer.
-
-    Each full-size consumer multiplies by the scalar's reciprocal itself: a divided row
-    vector would be one more small kernel on GPUs, and a division per element is slow on CPUs.
-    """
-
-    def u_fn(consumer: str) -> jax.Array:
-        if divisor is None:
-            g_, r_, c_ = _schedule.fresh((g, r, c), consumer)
-            return _factored.outer(g_, r_, c_, axes)
-        g_, r_, c_, s_ = _schedule.fresh((g, r, c, 1.0 / divisor), consumer)
-        return _factored.outer(g_, r_, c_, axes) * s_
-
-    return u_fn
-
-
-def _leaf_step(g, mu, row, col, full, r_row, r_col, axes, hp, corrections):
-    """One leaf of :func:`scale_by_came`: returns ``(out, m, stats...)``."""
-    c2, c1, c3 = corrections
-    clip = hp["clip_threshold"]
-
-    def divisor(factors):
-        return clip_divisor(lambda consumer: _factored.apply_factors(g, factors, None), clip)
-
-    # An unfactored leaf's clip reduction is taken inside the overflow guard, beside its
-    # finiteness check; a factored leaf's needs its own pass over g anyway.
-    inside = divisor if axes is None and clip is not None else None
-    factors, (row, col, full), div = _factored.second_moment_step(
-        g, row, col, full, axes, hp["b2"], hp["eps1"], c2, inside
-    )
-    if axes is None:
-        u = _factored.apply_factors(g, factors, None)
-        if div is not None:
-            u = u / div
-        u_fn = lambda consumer: u
-    else:
-        u_fn = _recomputed_update(g, *factors, axes)
-        if clip is not None:
-            u_fn = _recomputed_update(g, *factors, axes, clip_divisor(u_fn, clip))
-    out, m, r_row, r_col = _confidence.confidence_step(
-        u_fn, mu, r_row, r_col, axes, hp["b1"], hp["b3"], hp["eps2"], (c1, c3)
-    )
-    if hp["cautious"]:
-        out = out * _cautious.cautious_factor(out, g, CAUTIOUS_FLOOR)
-    return out, m, row, col, full, r_row, r_col
+def clip_by_rms(u: jax.Array, threshold: Any) -> jax.Array:
+    r"""One leaf of ``optax.clip_by_block_rms``: :math:`u / \max(1, \operatorname{RMS}(u) / d)`."""
+    return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(_factored.abs_square(u))) / threshold)
 
 
 def scale_by_came(
@@ -123,7 +77,6 @@ def scale_by_came(
     debias: bool = False,
     factored_dims: _factored.FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
-    cautious: bool = False,
 ) -> optax.GradientTransformation:
     r"""CAME's preconditioner: factored second moment, RMS clip, confidence-scaled momentum.
 
@@ -142,15 +95,15 @@ def scale_by_came(
 
     with :math:`V_t` the factored EMA of :math:`|g|^2 + \epsilon_1` and
     :math:`S_t` that of :math:`|u_t - m_t|^2 + \epsilon_2` (unfactored leaves
-    output :math:`m_t`). The stages' math is shared with those transforms; this
-    one recomputes the clipped update from the gradient wherever it is needed
-    instead of storing it. :func:`came` chains it with weight decay and the
-    learning rate.
+    output :math:`m_t`). Each stage's per-leaf math is the function those
+    transforms call; here they run leaf by leaf in one transformation, so XLA
+    sees each leaf's whole step at once. :func:`came` chains it with weight
+    decay and the learning rate.
 
     Its arguments (``b1``, ``b2``, ``b3``, ``eps1``, ``eps2``, ``clip_threshold``,
-    ``mu_dtype``, ``debias``, ``factored_dims``, ``min_dim_size_to_factor``,
-    ``cautious``) are those of :func:`came`. With ``cautious=True`` the output
-    equals ``cautious(`` the chain of the three stages ``)``.
+    ``mu_dtype``, ``debias``, ``factored_dims``, ``min_dim_size_to_factor``) are
+    those of :func:`came`; ``came(cautious=True)`` wraps this transformation in
+    :func:`cautious`.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a
@@ -170,83 +123,78 @@ def scale_by_came(
       Optimization, ACL 2023 (arXiv:2307.02047).
     """
     return came_transformation(
-        dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold),
+        b1,
+        b2,
+        b3,
+        eps1,
+        eps2,
+        clip_threshold,
         mu_dtype,
-        cautious=cautious,
-        debias=debias,
-        factored_dims=factored_dims,
-        min_dim_size_to_factor=min_dim_size_to_factor,
+        debias,
+        factored_dims,
+        min_dim_size_to_factor,
         who="scale_by_came",
     )
 
 
 def came_transformation(
-    hp: dict[str, Any],
-    mu_dtype: Any,
+    b1,
+    b2,
+    b3,
+    eps1,
+    eps2,
+    clip_threshold,
+    mu_dtype,
+    debias,
+    factored_dims,
+    min_dim_size_to_factor,
     *,
-    cautious: bool,
-    debias: bool,
-    factored_dims: _factored.FactoredDims,
-    min_dim_size_to_factor: int | None,
     who: str,
 ) -> optax.GradientTransformation:
     """:func:`scale_by_came`, validated, with errors attributed to ``who``."""
-    _checks.check_range("b1", hp["b1"], 0.0, 1.0)
-    for name in ("b2", "b3"):
-        _checks.check_range(name, hp[name], 0.0, 1.0, high_inclusive=False)
-    _checks.check_range("eps1", hp["eps1"], 0.0)
-    _checks.check_range("eps2", hp["eps2"], 0.0)
-    if hp["clip_threshold"] is not None:
-        _checks.check_range("clip_threshold", hp["clip_threshold"], 0.0, low_inclusive=False)
-    _factored.check_factoring_args(factored_dims, min_dim_size_to_factor)
+    _checks.check_range("b1", b1, 0.0, 1.0)
+    for name, value in (("b2", b2), ("b3", b3)):
+        _checks.check_range(name, value, 0.0, 1.0, high_inclusive=False)
+    _checks.check_range("eps1", eps1, 0.0)
+    _checks.check_range("eps2", eps2, 0.0)
+    if clip_threshold is not None:
+        _checks.check_range("clip_threshold", clip_threshold, 0.0, low_inclusive=False)
+    factoring = (factored_dims, min_dim_size_to_factor)
+    _factored.check_factoring_args(*factoring)
     mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype, _confidence.QUANTIZED)
-    if not isinstance(cautious, bool):
-        raise ValueError(f"cautious must be a Python bool decided at trace time; got {cautious!r}.")
-    hp = dict(hp, cautious=cautious)
+    axes_of = functools.partial(
+        _factored.factored_axes,
+        factored_dims=factored_dims,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+    )
 
     def init_fn(params):
         _checks.check_param_leaves(params, who)
         mu, mu_scale = _confidence.init_momentum(params, mu_dtype, who)
-        v_row, v_col, v = _factored.init_second_moment(
-            params, factored_dims, min_dim_size_to_factor
-        )
-        r_row, r_col, _ = _factored.init_second_moment(
-            params, factored_dims, min_dim_size_to_factor
-        )
-        return ScaleByCameState(
-            jnp.zeros([], jnp.int32), mu, v_row, v_col, v, r_row, r_col, mu_scale
-        )
+        v_row, v_col, v = _factored.init_second_moment(params, *factoring)
+        r_row, r_col, _ = _factored.init_second_moment(params, *factoring)
+        count = jnp.zeros([], jnp.int32)
+        return ScaleByCameState(count, mu, v_row, v_col, v, r_row, r_col, mu_scale)
 
     def update_fn(updates, state, params=None):
         del params
-        paths, leaves, treedef = _checks.flatten_updates(updates, who)
-        axes = _factored.leaf_axes(leaves, factored_dims, min_dim_size_to_factor)
-        mus = _confidence.check_momentum(treedef, state.mu, who)
-        scales = _layout.leaves_of(state.mu_scale, len(leaves), "mu_scale", who)
-        fields = ("v_row", "v_col", "v", "r_row", "r_col")
-        stats = [_layout.leaves_of(getattr(state, f), len(leaves), f, who) for f in fields]
-        _checks.check_stat_shapes(paths, leaves, axes, stats[0], stats[2], who)
         count = optax.safe_increment(state.count)
-        decays = (hp["b2"], hp["b1"], hp["b3"])
-        results = []
-        for g, mu, scale, *leaf_stats, a in zip(leaves, mus, scales, *stats, axes, strict=True):
-            g = g.astype(_factored.compute_dtype(g.dtype))
-            out, m, *new_stats = _leaf_step(
-                g,
-                _confidence.load_momentum(mu, scale, g.dtype),
-                *leaf_stats,
-                a,
-                hp,
-                _factored.bias_corrections(decays, count, _factored.stat_dtype(g.dtype), debias),
+
+        def leaf(g, axes, mu, v_row, v_col, v, r_row, r_col, scale):
+            c2, c1, c3 = _factored.bias_corrections(
+                (b2, b1, b3), count, _leaves.stat_dtype(g.dtype), debias
             )
-            results.append((out, *_confidence.store_momentum(m, mu, scale), *new_stats))
-        outs, new_mus, new_scales, *new_stats = _layout.unzip(results, 8)
-        new_state = ScaleByCameState(
-            count,
-            jax.tree.unflatten(treedef, new_mus),
-            *(_layout.like(getattr(state, f), s) for f, s in zip(fields, new_stats, strict=True)),
-            _layout.like(state.mu_scale, new_scales),
-        )
-        return jax.tree.unflatten(treedef, outs), new_state
+            u, v_row, v_col, v = _factored.second_moment(g, v_row, v_col, v, axes, b2, eps1, c2)
+            if clip_threshold is not None:
+                u = clip_by_rms(u, clip_threshold)
+            m = _confidence.load_momentum(mu, scale, g.dtype)
+            out, m, r_row, r_col = _confidence.confidence(
+                u, m, r_row, r_col, axes, b1, b3, eps2, (c1, c3)
+            )
+            mu, scale = _confidence.store_momentum(m, mu, scale)
+            return out, mu, v_row, v_col, v, r_row, r_col, scale
+
+        outs, fields = _leaves.update_leaves(leaf, updates, state, FIELDS, axes_of, who)
+        return outs, ScaleByCameState(count, **fields)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
-from came_optax import _checks, _confidence, _factored, _layout, _quantize
+from came_optax import _checks, _confidence, _leaves, _quantize
 from came_optax._came import ScaleByCameState
 from came_optax._confidence import ConfidenceState
 from came_optax._factored import FactoredSecondMomentState
@@ -136,7 +136,7 @@ class _Match:
 
     def leaf(self, target: Any, source: Any, path: tuple[Any, ...], stat: bool) -> Any:
         if source is None and self.upgrade and stat and tuple(target.shape) == (1,):
-            return _layout.placeholder(target.dtype)  # layout 1's None for an unused statistic
+            return _leaves.placeholder(target.dtype)  # layout 1's None for an unused statistic
         expected = f"shape {tuple(target.shape)} and dtype {jnp.dtype(target.dtype)}"
         if not _is_array(source):
             raise self.error(path, f"should be an array of {expected}; found {_kind(source)}.")
@@ -472,16 +472,16 @@ def convert_momentum(state: Any, mu_dtype: Any) -> Any:
         scales = jax.tree.leaves(node.mu_scale)
         mus, new_scales = [], []
         for (path, mu), scale in zip(flat, scales, strict=True):
-            m = _confidence.load_momentum(mu, scale, _factored.compute_dtype(mu.dtype))
+            m = _confidence.load_momentum(mu, scale, _leaves.compute_dtype(mu.dtype))
             dtype = _confidence.momentum_dtype(m, mu_dtype, path, who)
             if dtype.name in _confidence.QUANTIZED:
                 q, scale = _quantize.quantize(m, _quantize.block_shape(m.shape))
             else:
-                q, scale = m.astype(dtype), _layout.placeholder()
+                q, scale = m.astype(dtype), _leaves.placeholder()
             mus.append(q)
             new_scales.append(scale)
         return node._replace(
-            mu=jax.tree.unflatten(treedef, mus), mu_scale=_layout.like(node.mu_scale, new_scales)
+            mu=jax.tree.unflatten(treedef, mus), mu_scale=_leaves.like(node.mu_scale, new_scales)
         )
 
     converted = jax.tree.map(convert, state, is_leaf=lambda x: isinstance(x, _MOMENTUM_STATES))

@@ -109,34 +109,3 @@ def check_param_leaves(params: Any, who: str) -> None:
     """Validates the parameters given to ``init``."""
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     check_float_leaves([p for p, _ in flat], [x for _, x in flat], "parameter", who)
-
-
-def flatten_updates(updates: Any, who: str) -> tuple[list[Any], list[Any], Any]:
-    """``(paths, leaves, treedef)`` of the updates, validated."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    paths, leaves = [p for p, _ in flat], [x for _, x in flat]
-    check_float_leaves(paths, leaves, "update", who)
-    return paths, leaves, treedef
-
-
-def check_stat_shapes(
-    paths: list[Any],
-    leaves: list[Any],
-    axes: list[Any],
-    rows: list[Any],
-    fulls: list[Any],
-    who: str,
-) -> None:
-    """Raises ValueError naming the first update leaf whose statistics do not fit its shape."""
-    for path, leaf, a, row, full in zip(paths, leaves, axes, rows, fulls, strict=True):
-        shape = jnp.shape(leaf)
-        if a is None:
-            expected, got = shape, jnp.shape(full)
-        else:
-            expected, got = shape[: a[1]] + shape[a[1] + 1 :], jnp.shape(row)
-        if tuple(got) != tuple(expected):
-            raise ValueError(
-                f"{who}: the update {leaf_name(path)} has shape {shape}, but the optimizer state "
-                f"holds a statistic of shape {tuple(got)} there (expected {expected}). Pass "
-                "updates with the tree structure and shapes of the parameters given to init."
-            )

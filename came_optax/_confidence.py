@@ -10,14 +10,14 @@ the inverse root of the instability.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from came_optax import _checks, _factored, _layout, _quantize, _schedule
+from came_optax import _checks, _factored, _leaves, _quantize
 
 # The integer momentum dtypes: int8 is stored blockwise quantized (see _quantize).
 QUANTIZED = ("int8",)
@@ -48,8 +48,8 @@ class ConfidenceState(NamedTuple):
     mu_scale: optax.Params
 
 
-def confidence_step(
-    u_fn: Callable[[str], jax.Array],
+def confidence(
+    u: jax.Array,
     mu: jax.Array,
     r_row: jax.Array,
     r_col: jax.Array,
@@ -59,36 +59,26 @@ def confidence_step(
     eps2: Any,
     corrections: tuple[Any, Any],
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """One leaf's momentum and confidence scaling; returns ``(out, m, r_row, r_col)``.
+    """One leaf of the stage: returns ``(out, m, r_row, r_col)``.
 
-    ``u_fn(consumer)`` gives the incoming update for each full-size consumer, so that a
-    caller may recompute it from the gradient instead of storing it. ``mu`` is
-    in the compute dtype; ``corrections`` are the momentum's and the
+    ``mu`` is in the compute dtype; ``corrections`` are the momentum's and the
     instability's bias corrections, or None.
     """
     c1, c3 = corrections
-    m = b1 * mu + (1.0 - b1) * u_fn("momentum")
+    m = _factored.ema(mu, u, b1)
+    m_hat = m if c1 is None else m / c1
     if axes is None:
-        return (m if c1 is None else m / c1), m, r_row, r_col
-
-    def instability(consumer: str) -> jax.Array:
-        return _factored.abs_square(u_fn(consumer) - _schedule.fresh(m, consumer))
-
-    row_axis, col_axis = axes
-    rows = _schedule.mean(instability("r_row"), col_axis) + eps2
-    cols = _schedule.mean(instability("r_col"), row_axis) + eps2
-    r_row, r_col = _factored.ema(r_row, rows, b3), _factored.ema(r_col, cols, b3)
-    s_r, s_c = _factored.inverse_root_vectors(r_row, r_col, axes, c3)
-    if c1 is not None:
-        s_r = s_r / c1
-    return _factored.outer(m, s_r, s_c, axes), m, r_row, r_col
+        return m_hat, m, r_row, r_col
+    r_row, r_col = _factored.factored_ema(_factored.abs_square(u - m), r_row, r_col, axes, b3, eps2)
+    s_row, s_col = _factored.inverse_root_vectors(r_row, r_col, axes, c3)
+    return _factored.outer(m_hat, s_row, s_col, axes), m, r_row, r_col
 
 
 def momentum_dtype(param: Any, mu_dtype: Any, path: Any, who: str) -> jnp.dtype:
     """The stored momentum's dtype for a parameter, validated."""
     param_dtype = jnp.result_type(param)
     if mu_dtype is None:
-        return _factored.compute_dtype(param_dtype)
+        return _leaves.compute_dtype(param_dtype)
     if jnp.issubdtype(mu_dtype, jnp.complexfloating) and not jnp.issubdtype(
         param_dtype, jnp.complexfloating
     ):
@@ -105,7 +95,7 @@ def momentum_dtype(param: Any, mu_dtype: Any, path: Any, who: str) -> jnp.dtype:
             "optax.partition to give complex leaves their own optimizer."
         )
     if mu_dtype.name in QUANTIZED and _quantize.block_shape(jnp.shape(param)) is None:
-        return _factored.compute_dtype(param_dtype)
+        return _leaves.compute_dtype(param_dtype)
     return jnp.dtype(mu_dtype)
 
 
@@ -122,20 +112,10 @@ def init_momentum(params: Any, mu_dtype: Any, who: str) -> tuple[Any, Any]:
     def scales(p):
         block = _quantize.block_shape(jnp.shape(p))
         if mu_dtype is None or mu_dtype.name not in QUANTIZED or block is None:
-            return _layout.placeholder()
-        if isinstance(p, jax.core.Tracer):
-            return _zero_scales(p, block)
-        return _zero_scales_compiled(p, block)
+            return _leaves.placeholder()
+        return _quantize.zero_scales(_factored.zeros_like_param(p, jnp.float32), block)
 
-    return jax.tree_util.tree_map_with_path(zeros, params), _layout.unboxed(scales, params)
-
-
-def _zero_scales(param: jax.Array, block: tuple[int, ...]) -> jax.Array:
-    return _quantize.zero_scales(_factored.zeros_like_param(param, jnp.float32), block)
-
-
-# Compiled, the parameter-shaped zeros are folded away instead of allocated.
-_zero_scales_compiled = jax.jit(_zero_scales, static_argnums=1)
+    return jax.tree_util.tree_map_with_path(zeros, params), _leaves.unboxed(scales, params)
 
 
 def load_momentum(mu: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
@@ -152,16 +132,7 @@ def store_momentum(m: jax.Array, mu: jax.Array, scale: jax.Array) -> tuple[jax.A
     return _quantize.quantize(m, _quantize.block_shape(m.shape))
 
 
-def check_momentum(treedef: Any, mu: Any, who: str) -> list[Any]:
-    """The momentum's leaves, after checking its structure against the updates'."""
-    mu_treedef = jax.tree.structure(mu)
-    if treedef != mu_treedef:
-        raise ValueError(
-            f"{who}: the updates' tree structure does not match the optimizer state's "
-            f"momentum.\n  updates: {treedef}\n  state:   {mu_treedef}\nPass updates with the "
-            "tree structure of the parameters given to init."
-        )
-    return treedef.flatten_up_to(mu)
+FIELDS = {"mu": "param", "mu_scale": None, "r_row": "row", "r_col": "col"}
 
 
 def scale_by_confidence(
@@ -252,6 +223,11 @@ def scale_by_confidence(
     _checks.check_range("eps2", eps2, 0.0)
     _factored.check_factoring_args(factored_dims, min_dim_size_to_factor)
     mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype, QUANTIZED)
+    axes_of = functools.partial(
+        _factored.factored_axes,
+        factored_dims=factored_dims,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+    )
     who = "scale_by_confidence"
 
     def init_fn(params):
@@ -262,37 +238,18 @@ def scale_by_confidence(
 
     def update_fn(updates, state, params=None):
         del params
-        paths, leaves, treedef = _checks.flatten_updates(updates, who)
-        axes = _factored.leaf_axes(leaves, factored_dims, min_dim_size_to_factor)
-        mus = check_momentum(treedef, state.mu, who)
-        rows = _layout.leaves_of(state.r_row, len(leaves), "r_row", who)
-        cols = _layout.leaves_of(state.r_col, len(leaves), "r_col", who)
-        scales = _layout.leaves_of(state.mu_scale, len(leaves), "mu_scale", who)
-        _checks.check_stat_shapes(paths, leaves, axes, rows, mus, who)
         count = optax.safe_increment(state.count)
-        results = []
-        for u, mu, scale, row, col, a in zip(leaves, mus, scales, rows, cols, axes, strict=True):
-            u = u.astype(_factored.compute_dtype(u.dtype))
-            out, m, row, col = confidence_step(
-                lambda consumer, u=u: _schedule.fresh(u, consumer),
-                load_momentum(mu, scale, u.dtype),
-                row,
-                col,
-                a,
-                b1,
-                b3,
-                eps2,
-                _factored.bias_corrections((b1, b3), count, _factored.stat_dtype(u.dtype), debias),
+
+        def leaf(u, axes, mu, scale, row, col):
+            decays = (b1, b3)
+            corrections = _factored.bias_corrections(
+                decays, count, _leaves.stat_dtype(u.dtype), debias
             )
-            results.append((out, *store_momentum(m, mu, scale), row, col))
-        outs, new_mus, new_scales, new_rows, new_cols = _layout.unzip(results, 5)
-        new_state = ConfidenceState(
-            count,
-            jax.tree.unflatten(treedef, new_mus),
-            _layout.like(state.r_row, new_rows),
-            _layout.like(state.r_col, new_cols),
-            _layout.like(state.mu_scale, new_scales),
-        )
-        return jax.tree.unflatten(treedef, outs), new_state
+            m = load_momentum(mu, scale, u.dtype)
+            out, m, row, col = confidence(u, m, row, col, axes, b1, b3, eps2, corrections)
+            return (out, *store_momentum(m, mu, scale), row, col)
+
+        outs, fields = _leaves.update_leaves(leaf, updates, state, FIELDS, axes_of, who)
+        return outs, ConfidenceState(count, **fields)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -10,13 +10,14 @@ its means, one per kept axis, instead of a full copy. Its reconstruction
 
 is never materialised: callers multiply by the row and column vectors of
 :func:`inverse_root_vectors`. The per-leaf functions here are the only
-statement of this math; :func:`scale_by_factored_second_moment` and
-:func:`came_optax.scale_by_came` both call them.
+statement of this math; :func:`scale_by_factored_second_moment`,
+:func:`came_optax.scale_by_confidence` and :func:`came_optax.scale_by_came`
+call them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -24,19 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-try:  # removed in jax 0.11
-    from jax.experimental.shard_alike import shard_alike
-except ImportError:  # pragma: no cover - depends on the installed jax
-    shard_alike = None
-
-from came_optax import _checks, _layout, _schedule
+from came_optax import _checks, _leaves
 
 FactoredDims = Literal["last_two", "largest_two"]
 Axes = tuple[int, int] | None
-
-# A leaf whose squared gradient overflows is scaled by 2**OVERFLOW_EXPONENT: the
-# mean of squares of any finite float32 array of up to 2**31 entries then fits.
-OVERFLOW_EXPONENT = -80
 
 
 class FactoredSecondMomentState(NamedTuple):
@@ -60,6 +52,15 @@ class FactoredSecondMomentState(NamedTuple):
     v_row: optax.Params
     v_col: optax.Params
     v: optax.Params
+
+
+def check_factoring_args(factored_dims: Any, min_dim_size_to_factor: Any) -> None:
+    """Validates the static factoring options."""
+    if factored_dims not in ("last_two", "largest_two"):
+        raise ValueError(
+            f"factored_dims must be 'last_two' or 'largest_two'; got {factored_dims!r}."
+        )
+    _checks.check_static_int("min_dim_size_to_factor", min_dim_size_to_factor, 1)
 
 
 def factored_axes(
@@ -93,40 +94,18 @@ def factored_axes(
     References:
       Shazeer & Stern, Adafactor, ICML 2018 (arXiv:1804.04235), section 3.
     """
+    check_factoring_args(factored_dims, min_dim_size_to_factor)
     if len(shape) < 2 or 0 in shape:
         return None
     if factored_dims == "last_two":
         axes = (len(shape) - 2, len(shape) - 1)
-    elif factored_dims == "largest_two":
+    else:
         # Stable sort: among equal sizes the later axes win, like the reference.
         order = sorted(range(len(shape)), key=lambda a: (shape[a], a))
         axes = tuple(sorted(order[-2:]))
-    else:
-        raise ValueError(
-            f"factored_dims must be 'last_two' or 'largest_two'; got {factored_dims!r}."
-        )
     if min_dim_size_to_factor is not None and min(shape[a] for a in axes) < min_dim_size_to_factor:
         return None
     return axes
-
-
-def check_factoring_args(factored_dims: Any, min_dim_size_to_factor: Any) -> None:
-    """Validates the static factoring options at construction."""
-    if factored_dims not in ("last_two", "largest_two"):
-        raise ValueError(
-            f"factored_dims must be 'last_two' or 'largest_two'; got {factored_dims!r}."
-        )
-    _checks.check_static_int("min_dim_size_to_factor", min_dim_size_to_factor, 1)
-
-
-def compute_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype updates are computed in: float32 or complex64, or their 64-bit forms."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def stat_dtype(dtype: Any) -> jnp.dtype:
-    """The real dtype statistics are kept in (float32, or float64 for 64-bit leaves)."""
-    return jnp.finfo(compute_dtype(dtype)).dtype
 
 
 def abs_square(x: jax.Array) -> jax.Array:
@@ -136,24 +115,23 @@ def abs_square(x: jax.Array) -> jax.Array:
     return jnp.square(x)
 
 
-def zeros_like_param(leaf: Any, dtype: Any) -> jax.Array:
-    """Zeros of ``leaf``'s shape in ``dtype``, sharded like ``leaf`` even under ``jax.jit``.
+def saturate(x: jax.Array) -> jax.Array:
+    """``x``, at most half the largest finite value of its dtype (an infinity becomes that).
 
-    Inside ``jax.jit`` with auto axis types a constant is tied to no input, so the
-    partitioner would replicate it; ``shard_alike`` ties it to the parameter (jax < 0.11;
-    later versions have no ``shard_alike``, so pass ``out_shardings``, for example from
-    :func:`came_optax.state_shardings`, when jitting ``init``). Concrete
-    arrays and explicit axis types carry their sharding already. Inside ``shard_map``
-    with manual axes each device holds its own block, so there is nothing to tie.
+    The squares of float32 overflow from :math:`|g|` of about 1.8e19; capped means keep the
+    EMAs finite for every finite gradient, and change nothing below :math:`|g|` = 1.3e19.
     """
-    zeros = jnp.zeros_like(leaf, dtype=dtype)
-    if (
-        shard_alike is not None
-        and isinstance(leaf, jax.core.Tracer)
-        and not jax.sharding.get_abstract_mesh().manual_axes
-    ):
-        zeros = shard_alike(leaf, zeros)[1]
-    return zeros
+    return jnp.minimum(x, jnp.finfo(x.dtype).max / 2)
+
+
+def mean(x: jax.Array, axis: int) -> jax.Array:
+    """The mean along ``axis`` as a sum of ``x / n``: finite wherever ``x`` is."""
+    return jnp.sum(x * (1.0 / x.shape[axis]), axis=axis)
+
+
+def ema(old: jax.Array, new: jax.Array, decay: Any) -> jax.Array:
+    """One exponential-moving-average step."""
+    return decay * old + (1.0 - decay) * new
 
 
 def bias_correction(decay: Any, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
@@ -175,34 +153,15 @@ def bias_corrections(decays: tuple[Any, ...], count: jax.Array, dtype: Any, debi
     return tuple(bias_correction(d, count, dtype) if debias else None for d in decays)
 
 
-def init_stats(leaf: Any, axes: Axes) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Zero ``(row, col, full)`` statistics for one leaf, placeholders where unused.
-
-    Row and column statistics are reductions of parameter-shaped zeros, so they are
-    sharded like the parameter with the reduced axis removed.
-    """
-    dtype = stat_dtype(jnp.result_type(leaf))
-    if axes is None:
-        return _layout.placeholder(dtype), _layout.placeholder(dtype), zeros_like_param(leaf, dtype)
-    if not isinstance(leaf, jax.core.Tracer):
-        # Compiled, the parameter-shaped zeros are folded away instead of allocated.
-        return _init_factored_compiled(leaf, axes)
-    return _init_factored(leaf, axes)
-
-
-def _init_factored(leaf: Any, axes: tuple[int, int]) -> tuple[jax.Array, ...]:
-    dtype = stat_dtype(jnp.result_type(leaf))
-    zeros = zeros_like_param(leaf, dtype)
+def factored_ema(
+    x: jax.Array, row: jax.Array, col: jax.Array, axes: tuple[int, int], decay: Any, eps: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The row and column EMAs after one more full-size statistic ``x + eps`` (means capped)."""
     row_axis, col_axis = axes
-    return jnp.sum(zeros, axis=col_axis), jnp.sum(zeros, axis=row_axis), _layout.placeholder(dtype)
-
-
-_init_factored_compiled = jax.jit(_init_factored, static_argnums=1)
-
-
-def ema(old: jax.Array, new: jax.Array, decay: Any) -> jax.Array:
-    """One exponential-moving-average step."""
-    return decay * old + (1.0 - decay) * new
+    return (
+        ema(row, saturate(mean(x, col_axis) + eps), decay),
+        ema(col, saturate(mean(x, row_axis) + eps), decay),
+    )
 
 
 def inverse_root_vectors(
@@ -210,84 +169,23 @@ def inverse_root_vectors(
 ) -> tuple[jax.Array, jax.Array]:
     r"""Row and column vectors whose outer product is :math:`(\hat X / c)^{-1/2}`.
 
-    The mean of the rows divides the column vector, :math:`R^{-1/2}` and
-    :math:`(C / (c \operatorname{mean} R))^{-1/2}`, so the row vector is
-    elementwise in ``row`` and compiles into the kernel that produced it.
+    They are :math:`R^{-1/2}` and :math:`(C / (c \operatorname{mean} R))^{-1/2}`.
     """
     # The mean lacks both factored axes; the column statistic lacks only the row axis, so the
     # column axis goes back at its position there, axes[1] - 1.
-    mean = jnp.expand_dims(jnp.mean(row, axis=axes[0]), axes[1] - 1)
-    normalised = col / mean
+    row_mean = jnp.expand_dims(mean(row, axes[0]), axes[1] - 1)
     if correction is not None:
-        normalised = normalised / correction
-    return jax.lax.rsqrt(row), jax.lax.rsqrt(normalised)
+        row_mean = row_mean * correction
+    return jax.lax.rsqrt(row), jax.lax.rsqrt(col / row_mean)
 
 
 def outer(x: jax.Array, r: jax.Array, c: jax.Array, axes: tuple[int, int]) -> jax.Array:
     """``x`` times the outer product of a row vector ``r`` and a column vector ``c``."""
     row_axis, col_axis = axes
-    return (jnp.expand_dims(r, col_axis) * jnp.expand_dims(c, row_axis)) * x
+    return x * (jnp.expand_dims(r, col_axis) * jnp.expand_dims(c, row_axis))
 
 
-def factored_means(x: jax.Array, axes: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-    """Row and column means of a full-size ``x``, each consumer with its own inputs."""
-    row_axis, col_axis = axes
-    return _schedule.mean(x, col_axis), _schedule.mean(x, row_axis)
-
-
-def second_moment_means(
-    g: jax.Array, axes: Axes, eps1: Any, then: Callable[..., Any] | None = None
-) -> Any:
-    r"""This step's means of :math:`|s g|^2 + \epsilon_1` and the scale :math:`s`.
-
-    ``s`` is 1 unless the mean of this step's row means (of all of them for an
-    unfactored leaf) is not finite: some :math:`|g|` above about 1.8e19, or a sum
-    of squares beyond float32's range. Then :math:`s = 2^{-80}` and, for a
-    factored leaf, only the row means are recomputed; the column means are set to
-    the mean of the row means, so that
-    this step's estimate is the row statistic alone (a second pass over the columns
-    would cost every step on accelerators, where the rescaled means are computed
-    together with the plain ones). CAME's update does not depend on the gradient's
-    scale except through :math:`\epsilon_1` and the EMA history, so this keeps
-    training finite where came-pytorch produces NaN. Non-finite gradients pass
-    through.
-
-    Returns ``(s, means)``, or ``then(s, means)`` when ``then`` is given: what
-    ``then`` computes falls on the same side of the overflow guard, so on TPUs
-    and GPUs both candidates' results are computed and one is selected at the
-    end (for an unfactored leaf the clip's reduction then shares the finiteness
-    check's pass instead of waiting for it).
-    """
-    if then is None:
-        then = lambda scale, means: (scale, means)  # noqa: E731
-    if axes is None:
-        plain = (abs_square(g) + eps1,)
-    else:
-        row_axis, col_axis = axes
-        plain = (
-            # The first reduction reads g as it is, the second its own copy (see _schedule).
-            _schedule.mean(abs_square(g), col_axis) + eps1,
-            _schedule.mean(abs_square(_schedule.fresh(g, "v_col")), row_axis) + eps1,
-        )
-    # The squares are non-negative, so finite row means with a finite mean leave every column
-    # sum finite too: one check serves both.
-    finite = jnp.isfinite(jnp.mean(plain[0]))
-    one = jnp.ones((), g.real.dtype)
-    # Behind a barrier, or XLA rewrites (g * s)**2 as g**2 * s**2, where s**2 underflows.
-    rescale = jax.lax.optimization_barrier(jnp.asarray(2.0**OVERFLOW_EXPONENT, g.real.dtype))
-
-    def rescaled() -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        if axes is None:
-            return rescale, (abs_square(g * rescale) + eps1,)
-        rows = _schedule.mean(abs_square(g * rescale), col_axis) + eps1
-        cols = jnp.expand_dims(jnp.mean(rows, axis=row_axis), col_axis - 1)
-        # A product with ones shaped (and, with explicit axes, sharded) like the plain means.
-        return rescale, (rows, jnp.ones_like(plain[1]) * cols)
-
-    return _schedule.overflow_guard(finite, lambda: then(one, plain), lambda: then(*rescaled()))
-
-
-def second_moment_step(
+def second_moment(
     g: jax.Array,
     row: jax.Array,
     col: jax.Array,
@@ -296,46 +194,38 @@ def second_moment_step(
     b2: Any,
     eps1: Any,
     correction: Any,
-    then: Callable[[tuple[jax.Array, ...]], Any] | None = None,
-) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, jax.Array, jax.Array], Any]:
-    """Folds one gradient into a leaf's second moment.
-
-    Returns ``(factors, (row, col, full), extra)``: the new statistics, and the
-    inverse-root factors, with the overflow scale folded in, such that the
-    stage's output is ``g * factors[0]`` (unfactored) or
-    ``outer(g, *factors, axes)`` (factored); ``extra`` is ``then(factors)``,
-    computed on the same side of the overflow guard (see
-    :func:`second_moment_means`), or None.
-    """
-
-    def fold(scale, means):
-        if axes is None:
-            new_full = ema(full, means[0], b2)
-            v_hat = new_full if correction is None else new_full / correction
-            factors, stats = (jax.lax.rsqrt(v_hat) * scale,), (row, col, new_full)
-        else:
-            new_row, new_col = ema(row, means[0], b2), ema(col, means[1], b2)
-            r, c = inverse_root_vectors(new_row, new_col, axes, correction)
-            factors, stats = (r * scale, c), (new_row, new_col, full)
-        return factors, stats, None if then is None else then(factors)
-
-    if then is None:
-        # Selecting the means, not everything computed from them, keeps the row and
-        # column vectors' arithmetic in one copy.
-        return fold(*second_moment_means(g, axes, eps1))
-    return second_moment_means(g, axes, eps1, fold)
-
-
-def apply_factors(g: jax.Array, factors: tuple[jax.Array, ...], axes: Axes) -> jax.Array:
-    """The stage's output from :func:`second_moment_step`'s factors."""
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One leaf of the stage: returns ``(g / sqrt(V_t), row, col, full)``."""
     if axes is None:
-        return factors[0] * g
-    return outer(g, *factors, axes)
+        full = ema(full, saturate(abs_square(g) + eps1), b2)
+        v_hat = full if correction is None else full / correction
+        return g * jax.lax.rsqrt(v_hat), row, col, full
+    row, col = factored_ema(abs_square(g), row, col, axes, b2, eps1)
+    return outer(g, *inverse_root_vectors(row, col, axes, correction), axes), row, col, full
 
 
-def leaf_axes(leaves: list[Any], factored_dims: FactoredDims, min_dim: int | None) -> list[Axes]:
-    """:func:`factored_axes` of each leaf."""
-    return [factored_axes(jnp.shape(x), factored_dims, min_dim) for x in leaves]
+def zeros_like_param(leaf: Any, dtype: Any) -> jax.Array:
+    """Zeros of ``leaf``'s shape in ``dtype``, placed like ``leaf`` where jax knows its sharding.
+
+    That is for a concrete array, and under ``jax.jit`` with explicit axis types; under
+    ``jax.jit`` with auto axis types a constant is tied to no input (as ``optax.adam``'s
+    zeros are): pass ``out_shardings`` (:func:`came_optax.state_shardings`) there.
+    """
+    return jnp.zeros_like(leaf, dtype=dtype)
+
+
+def init_stats(leaf: Any, axes: Axes) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zero ``(row, col, full)`` statistics for one leaf, placeholders where unused.
+
+    Row and column statistics are sums of parameter-shaped zeros, so they are placed
+    like the parameter with the reduced axis removed (compiled, the zeros are folded away).
+    """
+    dtype = _leaves.stat_dtype(jnp.result_type(leaf))
+    zeros = zeros_like_param(leaf, dtype)
+    if axes is None:
+        return _leaves.placeholder(dtype), _leaves.placeholder(dtype), zeros
+    row_axis, col_axis = axes
+    return jnp.sum(zeros, col_axis), jnp.sum(zeros, row_axis), _leaves.placeholder(dtype)
 
 
 def init_second_moment(params: Any, factored_dims: FactoredDims, min_dim: int | None):
@@ -344,7 +234,10 @@ def init_second_moment(params: Any, factored_dims: FactoredDims, min_dim: int | 
     def init(x):
         return init_stats(x, factored_axes(jnp.shape(x), factored_dims, min_dim))
 
-    return tuple(_layout.unboxed(lambda x, i=i: init(x)[i], params) for i in range(3))
+    return _leaves.unzip_tree(init, params, 3)
+
+
+STAT_FIELDS = {"v_row": "row", "v_col": "col", "v": "full"}
 
 
 def scale_by_factored_second_moment(
@@ -383,10 +276,13 @@ def scale_by_factored_second_moment(
     :math:`V_t` is replaced by :math:`V_t / (1 - \beta_2^t)`, as Adam corrects
     its second moment.
 
-    A leaf whose :math:`|g|^2` overflows float32 (some :math:`|g|` above about
-    1.8e19) is first multiplied by :math:`2^{-80}`, and that step's column means
-    are replaced by the mean of its row means, where came-pytorch would produce
-    NaN; below that nothing changes.
+    Where came-pytorch's sums of squares overflow (from :math:`|g|` of about
+    :math:`10^{19} / \sqrt{n}`) and turn the state into NaN, here the squares
+    are capped at half of float32's largest value and the means are sums of
+    :math:`s / n`, so every finite gradient keeps the state finite; the cap
+    changes nothing below :math:`|g| = 1.3 \cdot 10^{19}`. A NaN or Inf
+    gradient enters the state for good, as in came-pytorch: wrap the optimizer
+    in ``optax.apply_if_finite`` to skip such steps.
 
     Args:
       b2: decay of the second-moment EMAs, in [0, 1). May be scheduled or
@@ -417,39 +313,28 @@ def scale_by_factored_second_moment(
     """
     _checks.check_range("b2", b2, 0.0, 1.0, high_inclusive=False)
     _checks.check_range("eps1", eps1, 0.0)
-    check_factoring_args(factored_dims, min_dim_size_to_factor)
+    factoring = (factored_dims, min_dim_size_to_factor)
+    check_factoring_args(*factoring)
     who = "scale_by_factored_second_moment"
+
+    axes_of = functools.partial(
+        factored_axes, factored_dims=factored_dims, min_dim_size_to_factor=min_dim_size_to_factor
+    )
 
     def init_fn(params):
         _checks.check_param_leaves(params, who)
-        v_row, v_col, v = init_second_moment(params, factored_dims, min_dim_size_to_factor)
+        v_row, v_col, v = init_second_moment(params, *factoring)
         return FactoredSecondMomentState(jnp.zeros([], jnp.int32), v_row, v_col, v)
 
     def update_fn(updates, state, params=None):
         del params
-        paths, leaves, treedef = _checks.flatten_updates(updates, who)
-        axes = leaf_axes(leaves, factored_dims, min_dim_size_to_factor)
-        rows, cols, fulls = (
-            _layout.leaves_of(tree, len(leaves), name, who)
-            for tree, name in ((state.v_row, "v_row"), (state.v_col, "v_col"), (state.v, "v"))
-        )
-        _checks.check_stat_shapes(paths, leaves, axes, rows, fulls, who)
         count = optax.safe_increment(state.count)
 
-        outs, stats = [], []
-        for g, row, col, full, a in zip(leaves, rows, cols, fulls, axes, strict=True):
-            g = g.astype(compute_dtype(g.dtype))
-            (correction,) = bias_corrections((b2,), count, stat_dtype(g.dtype), debias)
-            factors, new, _ = second_moment_step(g, row, col, full, a, b2, eps1, correction)
-            outs.append(apply_factors(g, factors, a))
-            stats.append(new)
-        new_rows, new_cols, new_fulls = _layout.unzip(stats, 3)
-        new_state = FactoredSecondMomentState(
-            count,
-            _layout.like(state.v_row, new_rows),
-            _layout.like(state.v_col, new_cols),
-            _layout.like(state.v, new_fulls),
-        )
-        return jax.tree.unflatten(treedef, outs), new_state
+        def leaf(g, axes, row, col, full):
+            (correction,) = bias_corrections((b2,), count, _leaves.stat_dtype(g.dtype), debias)
+            return second_moment(g, row, col, full, axes, b2, eps1, correction)
+
+        outs, stats = _leaves.update_leaves(leaf, updates, state, STAT_FIELDS, axes_of, who)
+        return outs, FactoredSecondMomentState(count, **stats)
 
     return optax.GradientTransformation(init_fn, update_fn)

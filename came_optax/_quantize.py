@@ -283,4 +283,4 @@ def dequantize(
 
 def zero_scales(zeros: jax.Array, block: tuple[int, ...]) -> jax.Array:
     """Zero scales from parameter-shaped ``zeros``: a strided slice, which keeps their sharding."""
-    return zeros[tuple(slice(None, None, b) for b in block)]
+    return jax.lax.slice(zeros, (0,) * zeros.ndim, zeros.shape, block)

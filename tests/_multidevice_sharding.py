@@ -219,29 +219,44 @@ MIN_DIM_BF16 = {"min_dim_size_to_factor": 16, "mu_dtype": jnp.bfloat16}
     ],
 )
 def test_jit_init_and_update_follow_param_sharding(axis_type, tx_kwargs):
+    # Explicit axes carry each parameter's sharding into jit(init); with auto axes a constant
+    # is tied to no input (optax.adam's zeros too), so the state's shardings are given.
     mesh = make_mesh((2, 4), axis_type)
     tx = came_optax.came(1e-2, **tx_kwargs)
     with jax.set_mesh(mesh):
         params = place(init_params(), mesh, SPECS)
-        state = jax.jit(tx.init)(params)
+        given = state_shardings(tx, params) if axis_type == "auto" else None
+        state = jax.jit(tx.init, out_shardings=given)(params)
         assert_came_state_sharding(state, mesh, tx_kwargs)
         _, state = jax.jit(tx.update)(params, state, params)
         assert_came_state_sharding(state, mesh, tx_kwargs)
 
 
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
-def test_jit_init_without_mesh_context_and_eager_init(axis_type):
+def test_eager_init_follows_param_sharding(axis_type):
     mesh = make_mesh((2, 4), axis_type)
-    tx = came_optax.came(1e-2)
     params = place(init_params(), mesh, SPECS)
-    assert_came_state_sharding(jax.jit(tx.init)(params), mesh, {})
-    assert_came_state_sharding(tx.init(params), mesh, {})
+    assert_came_state_sharding(came_optax.came(1e-2).init(params), mesh, {})
+
+
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_jit_init_places_the_momentum_as_optax_adamw_does(axis_type):
+    # The README's table of what jit(init) gives without out_shardings, per axis type.
+    mesh = make_mesh((2, 4), axis_type)
+    with jax.set_mesh(mesh):
+        params = place(init_params(), mesh, SPECS)
+        came_mu = optax.tree.get(jax.jit(came_optax.came(1e-2).init)(params), "mu")
+        adamw_mu = optax.tree.get(jax.jit(optax.adamw(1e-2).init)(params), "mu")
+    for name in SHAPES:
+        a, b = came_mu[name], adamw_mu[name]
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (name, a.sharding, b.sharding)
+        replicated = axis_type == "auto" or SPECS[name] == P()
+        assert a.sharding.is_fully_replicated == replicated, (name, a.sharding)
 
 
 @pytest.mark.parametrize("tx_kwargs", [LAST_TWO, LARGEST_TWO], ids=["last_two", "largest_two"])
-@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
-def test_state_shardings_equal_what_jit_init_produces(axis_type, tx_kwargs):
-    mesh = make_mesh((2, 4), axis_type)
+def test_state_shardings_equal_what_jit_init_produces_with_explicit_axes(tx_kwargs):
+    mesh = make_mesh((2, 4), "explicit")
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.inject_hyperparams(came_optax.came)(learning_rate=1e-2, **tx_kwargs),
@@ -370,16 +385,27 @@ def test_nnx_optimizer_on_partitioned_model(axis_type):
         grads = nnx.grad(lambda m: m.loss(xb, yb))(model)
         optimizer.update(model, grads)
 
+    def assert_state_sharding(optimizer):
+        state = nnx_opt_state_arrays(optimizer)
+        if explicit:
+            assert_came_state_sharding(state, mesh, {})
+        else:
+            # With auto axes inside nnx.jit, flax places what carries the parameters' boxes
+            # (the momentum, as optax.adam's); the small row and column statistics carry no
+            # box and are replicated.
+            for name, mu in optax.tree.get(state, "mu").items():
+                assert_sharded_like(mu, mesh, SPECS[name], f"mu[{name}]")
+
     with jax.set_mesh(mesh):
         # Eagerly, as the flax guides do, and inside nnx.jit: no workaround either way.
         eager_model = NnxModel(explicit)
         eager_optimizer = nnx.Optimizer(eager_model, training_tx(), wrt=nnx.Param)
         assert_came_state_sharding(nnx_opt_state_arrays(eager_optimizer), mesh, {})
         model, optimizer = create_in_jit()
-        assert_came_state_sharding(nnx_opt_state_arrays(optimizer), mesh, {})
+        assert_state_sharding(optimizer)
         for i in range(STEPS):
             step(model, optimizer, x[i], y[i])
-    assert_came_state_sharding(nnx_opt_state_arrays(optimizer), mesh, {})
+    assert_state_sharding(optimizer)
     for name in SHAPES:
         got = getattr(model, name)[...]
         assert_sharded_like(got, mesh, SPECS[name], name)

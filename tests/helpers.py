@@ -35,6 +35,35 @@ def assert_bitwise_equal(a, b) -> None:
         assert x.tobytes() == y.tobytes(), f"{where} differs"
 
 
+def deviations_from_movement(actual, expected, start) -> dict[str, float]:
+    """Per leaf: max |actual - expected| over the max movement of ``expected`` from ``start``.
+
+    Float32 arithmetic in another order moves each value by rounding, which near a
+    cancellation can be a large fraction of that value but stays tiny next to how far the
+    parameters moved: the measure for "equal to float32 rounding".
+    """
+    out = {}
+    for (path, a), b, p0 in zip(
+        jax.tree_util.tree_leaves_with_path(actual),
+        jax.tree.leaves(expected),
+        jax.tree.leaves(start),
+        strict=True,
+    ):
+        a, b, p0 = (np.asarray(x, np.float64) for x in (a, b, p0))
+        if a.size == 0:
+            continue
+        moved = max(float(np.max(np.abs(b - p0))), 1e-30)
+        out[jax.tree_util.keystr(path)] = float(np.max(np.abs(a - b))) / moved
+    return out
+
+
+def assert_close_to_movement(actual, expected, start, tol: float) -> None:
+    """Every leaf deviates by at most ``tol`` of its movement (:func:`deviations_from_movement`)."""
+    deviations = deviations_from_movement(actual, expected, start)
+    worst = max(deviations, key=deviations.get, default=None)
+    assert worst is None or deviations[worst] <= tol, (worst, deviations[worst], tol)
+
+
 def leaf_digests(tree) -> dict[str, str]:
     """SHA-256 of each leaf's bytes, keyed by its key path, dtype and shape."""
     out = {}

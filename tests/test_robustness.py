@@ -6,8 +6,9 @@
   had never happened.
 * Extreme but finite inputs (gradient scales from 1e-30 to 1e36, all-zero gradients,
   size-0 and size-1 axes, scalars, very wide and very tall matrices, bfloat16 and
-  float16 parameters for 1000 steps) keep the state and updates finite. Gradients whose
-  squares overflow float32 (|g| > 1.8e19), where came-pytorch produces NaN, are rescaled.
+  float16 parameters for 1000 steps) keep the state and updates finite. came-pytorch's sums
+  of squares overflow from about |g| = 1e19 / sqrt(n); came()'s do not (see
+  :func:`came_optax.scale_by_factored_second_moment`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 import reference_numpy
-from helpers import assert_bitwise_equal, assert_finite
+from helpers import assert_bitwise_equal, assert_close_to_movement, assert_finite
 
 import came_optax
 
@@ -140,8 +141,9 @@ def test_without_a_guard_one_bad_gradient_poisons_its_leaf_for_good(bad):
         if t >= 1:
             assert np.isnan(np.asarray(updates["w"])).all()
             assert np.isfinite(np.asarray(updates["b"])).all()
-    assert not np.isfinite(np.asarray(state[0].v_row["w"])).all()
-    assert np.isnan(np.asarray(state[0].mu["w"])).all()
+    # A NaN enters every statistic; an Inf saturates the second moment but not the rest.
+    assert np.isnan(np.asarray(state[0].mu["w"])).any()
+    assert np.isnan(np.asarray(state[0].r_row["w"])).any()
     with np.errstate(invalid="ignore", divide="ignore"):
         numpy_params = reference_numpy.came_numpy(
             {k: np.asarray(v) for k, v in _params(SHAPES).items()}, g, learning_rate=LR
@@ -155,8 +157,8 @@ def test_without_a_guard_one_bad_gradient_poisons_its_leaf_for_good(bad):
 EXTREME_SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 4), "rank3": (2, 3, 4)}
 
 
-# float32 holds g**2 only for |g| < 1.8e19; beyond it came() rescales the leaf by a power
-# of two (came-pytorch 0.1.3 turns such steps into NaN).
+# float32 holds g**2 only for |g| < 1.8e19; came() saturates the squares below that (and
+# averages them without overflowing), so any finite gradient keeps the state finite.
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-10, 1e10, 1e15, 1e20, 1e30, 1e36])
 def test_extreme_gradient_scales_keep_state_and_updates_finite(scale):
     grads_seq = _gradients(EXTREME_SHAPES, 5, scale=scale)
@@ -247,11 +249,13 @@ def _check_against_reference(shapes: dict, steps: int = 3) -> None:
     )[-1]
     for k, shape in shapes.items():
         assert params[k].shape == updates[k].shape == shape, k
-        if k in nonempty:
-            p0 = np.asarray(params0[k], np.float64)
-            np.testing.assert_allclose(
-                np.asarray(params[k]) - p0, expected[k] - p0, rtol=1e-4, atol=1e-6, err_msg=k
-            )
+    # The reference's parity bound: float32 rounding, within 1e-4 of the movement.
+    assert_close_to_movement(
+        {k: params[k] for k in nonempty},
+        {k: expected[k] for k in nonempty},
+        {k: params0[k] for k in nonempty},
+        tol=1e-4,
+    )
 
 
 def test_size_zero_and_size_one_axes_and_scalars_match_the_reference():
