@@ -116,17 +116,20 @@ def abs_square(x: jax.Array) -> jax.Array:
 
 
 def saturate(x: jax.Array) -> jax.Array:
-    """``x``, at most half the largest finite value of its dtype (an infinity becomes that).
+    """``x``, at most the largest value whose reciprocal is normal (8.5e37 in float32).
 
-    The squares of float32 overflow from :math:`|g|` of about 1.8e19; capped means keep the
-    EMAs finite for every finite gradient, and change nothing below :math:`|g|` = 1.3e19.
+    An infinity becomes that value; dividing by it cannot flush to zero.
     """
-    return jnp.minimum(x, jnp.finfo(x.dtype).max / 2)
+    return jnp.minimum(x, 1 / jnp.finfo(x.dtype).tiny)
 
 
 def mean(x: jax.Array, axis: int) -> jax.Array:
-    """The mean along ``axis`` as a sum of ``x / n``: finite wherever ``x`` is."""
-    return jnp.sum(x * (1.0 / x.shape[axis]), axis=axis)
+    r"""The mean along ``axis``, saturated (:func:`saturate`) where its sum overflows.
+
+    Sums of float32 squares overflow from :math:`|g|` of about :math:`10^{19} / \sqrt{n}`;
+    saturated, the statistics stay finite for every finite gradient.
+    """
+    return saturate(jnp.mean(x, axis=axis))
 
 
 def ema(old: jax.Array, new: jax.Array, decay: Any) -> jax.Array:
@@ -156,11 +159,11 @@ def bias_corrections(decays: tuple[Any, ...], count: jax.Array, dtype: Any, debi
 def factored_ema(
     x: jax.Array, row: jax.Array, col: jax.Array, axes: tuple[int, int], decay: Any, eps: Any
 ) -> tuple[jax.Array, jax.Array]:
-    """The row and column EMAs after one more full-size statistic ``x + eps`` (means capped)."""
+    """The row and column EMAs after one more full-size statistic ``x + eps``."""
     row_axis, col_axis = axes
     return (
-        ema(row, saturate(mean(x, col_axis) + eps), decay),
-        ema(col, saturate(mean(x, row_axis) + eps), decay),
+        ema(row, mean(x, col_axis) + eps, decay),
+        ema(col, mean(x, row_axis) + eps, decay),
     )
 
 
@@ -276,13 +279,13 @@ def scale_by_factored_second_moment(
     :math:`V_t` is replaced by :math:`V_t / (1 - \beta_2^t)`, as Adam corrects
     its second moment.
 
-    Where came-pytorch's sums of squares overflow (from :math:`|g|` of about
-    :math:`10^{19} / \sqrt{n}`) and turn the state into NaN, here the squares
-    are capped at half of float32's largest value and the means are sums of
-    :math:`s / n`, so every finite gradient keeps the state finite; the cap
-    changes nothing below :math:`|g| = 1.3 \cdot 10^{19}`. A NaN or Inf
-    gradient enters the state for good, as in came-pytorch: wrap the optimizer
-    in ``optax.apply_if_finite`` to skip such steps.
+    Where a mean's sum overflows float32 (squares of :math:`|g|` from about
+    :math:`10^{19} / \sqrt{n}`; came-pytorch's state turns to NaN there), the
+    mean saturates at 8.5e37 instead (beyond the reference): every finite
+    gradient keeps the state finite, and nothing changes while the means stay
+    below that (:math:`|g|` below about 9e18). A NaN or Inf gradient enters the state
+    for good, as in came-pytorch: wrap the optimizer in
+    ``optax.apply_if_finite`` to skip such steps.
 
     Args:
       b2: decay of the second-moment EMAs, in [0, 1). May be scheduled or

@@ -157,12 +157,22 @@ def test_without_a_guard_one_bad_gradient_poisons_its_leaf_for_good(bad):
 EXTREME_SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 4), "rank3": (2, 3, 4)}
 
 
-# float32 holds g**2 only for |g| < 1.8e19; came() saturates the squares below that (and
-# averages them without overflowing), so any finite gradient keeps the state finite.
+# float32 holds g**2 only for |g| < 1.8e19 and a sum of n squares only below 1.8e19 / sqrt(n);
+# came()'s means saturate where their sums overflow, so any finite gradient keeps the state
+# finite (came-pytorch 0.1.3 turns such steps into NaN).
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-10, 1e10, 1e15, 1e20, 1e30, 1e36])
 def test_extreme_gradient_scales_keep_state_and_updates_finite(scale):
     grads_seq = _gradients(EXTREME_SHAPES, 5, scale=scale)
     params, state, updates = _run(CAME, _params(EXTREME_SHAPES), grads_seq, CAME_STEP)
+    assert_finite(updates=updates, state=state, params=params)
+
+
+@pytest.mark.parametrize("scale", [1e17, 1e19, 1e25])
+def test_huge_gradients_of_a_large_leaf_keep_state_and_updates_finite(scale):
+    # 4096 x 64 entries: the sums of squares overflow from |g| of about 3e16.
+    shapes = {"wide": (4096, 64), "long": (262144,)}
+    grads_seq = _gradients(shapes, 3, scale=scale)
+    params, state, updates = _run(CAME, _params(shapes), grads_seq)
     assert_finite(updates=updates, state=state, params=params)
 
 
