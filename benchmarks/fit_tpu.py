@@ -24,11 +24,18 @@ effort (``--effort``, default -1), which takes the 1.6B model's compile from abo
 minutes to about two on two busy CPU cores; ``--effort 0`` compiles as ``jax.jit`` does by
 default.
 
+``--search`` asks the question the other way round: per setup, the largest model of a
+LLaMA-style family (``FAMILY``: 0.49B to 7.32B parameters, each about 25% larger than the one
+before) whose step fits. After the parameters-and-state filter it bisects the family, taking a
+larger model's step to need at least a smaller one's HBM, and prints the largest model that
+fits with its peak, and the next larger model with what it needs.
+
 Needs libtpu (``pip install -e ".[tpu]"``); skips with a message without it. From the repository
 root::
 
     python benchmarks/fit_tpu.py
     python benchmarks/fit_tpu.py --all --effort 0
+    python benchmarks/fit_tpu.py --search
 """
 
 from __future__ import annotations
