@@ -70,9 +70,9 @@ MODELS = {
 }
 
 # A LLaMA-style family for --search, 0.5B to 7.3B parameters, each about 25% larger than the
-# one before: (width, depth, SwiGLU width), the SwiGLU width the multiple of 256 nearest above
-# 8/3 of the width, width / depth between 85 and 130 as in LLaMA-2, Llama-3.2 and OpenLLaMA;
-# vocabulary 32000, heads of 128.
+# one before: (width, depth, SwiGLU width), the SwiGLU width the smallest multiple of 256 not
+# below 8/3 of the width, width / depth between 85 and 130 as in LLaMA-2, Llama-3.2 and
+# OpenLLaMA; vocabulary 32000, heads of 128.
 FAMILY = [
     (1536, 14, 4096), (1536, 18, 4096), (1792, 17, 4864), (2048, 16, 5632), (2048, 21, 5632),
     (2304, 22, 6144), (2560, 22, 6912), (2560, 28, 6912), (2816, 29, 7680), (3072, 31, 8192),
