@@ -24,11 +24,18 @@ effort (``--effort``, default -1), which takes the 1.6B model's compile from abo
 minutes to about two on two busy CPU cores; ``--effort 0`` compiles as ``jax.jit`` does by
 default.
 
+``--search`` asks the question the other way round: per setup, the largest model of a
+LLaMA-style family (``FAMILY``: 0.49B to 7.32B parameters, each about 25% larger than the one
+before) whose step fits. After the parameters-and-state filter it bisects the family, taking a
+larger model's step to need at least a smaller one's HBM, and prints the largest model that
+fits with its peak, and the next larger model with what it needs.
+
 Needs libtpu (``pip install -e ".[tpu]"``); skips with a message without it. From the repository
 root::
 
     python benchmarks/fit_tpu.py
     python benchmarks/fit_tpu.py --all --effort 0
+    python benchmarks/fit_tpu.py --search
 """
 
 from __future__ import annotations
@@ -62,8 +69,25 @@ MODELS = {
     "LLaMA-style 7B": (_models.llama(4096, 32, mlp=11008, vocab=32000), 128),
 }
 
+# A LLaMA-style family for --search, 0.5B to 7.3B parameters, each about 25% larger than the
+# one before: (width, depth, SwiGLU width), the SwiGLU width the smallest multiple of 256 not
+# below 8/3 of the width, width / depth between 85 and 130 as in LLaMA-2, Llama-3.2 and
+# OpenLLaMA; vocabulary 32000, heads of 128.
+FAMILY = [
+    (1536, 14, 4096), (1536, 18, 4096), (1792, 17, 4864), (2048, 16, 5632), (2048, 21, 5632),
+    (2304, 22, 6144), (2560, 22, 6912), (2560, 28, 6912), (2816, 29, 7680), (3072, 31, 8192),
+    (3328, 33, 8960), (3584, 36, 9728), (3840, 40, 10240),
+]  # fmt: skip
+FAMILY_VOCAB, FAMILY_HEAD_DIM = 32000, 128
+
+# optax.adamw keeps both moments in the parameters' dtype unless mu_dtype says otherwise, so
+# with bfloat16 parameters its mu and nu are both bfloat16 (mu_dtype says it for the reader).
 SETUPS = {
     "adamw, fp32 params": (optax.adamw(1e-3), jnp.float32),
+    "adamw, bf16 params + bf16 moments": (
+        optax.adamw(1e-3, mu_dtype=jnp.bfloat16),
+        jnp.bfloat16,
+    ),
     "came, fp32 params": (came_optax.came(1e-4), jnp.float32),
     "came int8 mu, bf16 params + SR": (
         came_optax.came(1e-4, mu_dtype="int8", stochastic_rounding=True),
@@ -152,6 +176,76 @@ def compile_step(
     return out
 
 
+def family() -> dict[str, tuple[dict, int]]:
+    """``FAMILY`` as ``{name: (shapes, head_dim)}``, smallest first; a name gives the size and
+    width x depth."""
+    models = {}
+    for width, depth, mlp in FAMILY:
+        shapes = _models.llama(width, depth, mlp=mlp, vocab=FAMILY_VOCAB)
+        name = f"{_models.num_params(shapes) / 1e9:.2f}B ({width} x {depth})"
+        models[name] = (shapes, FAMILY_HEAD_DIM)
+    return models
+
+
+def largest_fitting(
+    tx: optax.GradientTransformation,
+    dtype,
+    models: dict[str, tuple[dict, int]],
+    sharding: jax.sharding.Sharding,
+    effort: float,
+) -> tuple[str | None, dict[str, Any] | None, str | None, dict[str, Any] | None]:
+    """The largest of ``models`` (smallest first) whose step fits, by bisection.
+
+    A model whose parameters and state alone exceed the HBM is not compiled; among the others
+    the search compiles about log2 of their count, taking a larger model's step to need at
+    least a smaller one's HBM. Returns the largest model that fits and its ``compile_step``
+    result, then the next larger model and its result: ``compile_step``'s, or ``{"bound":
+    bytes}`` when it was not compiled (``None, None`` for either end that does not exist).
+    """
+    names = list(models)
+    bounds = [donated_bytes(tx, models[m][0], dtype) for m in names]
+    compiled: dict[int, dict[str, Any]] = {}
+    fits, fails = -1, next((i for i, b in enumerate(bounds) if b > HBM_BYTES), len(names))
+    while fails - fits > 1:
+        mid = (fits + fails) // 2
+        shapes, head_dim = models[names[mid]]
+        print(f"  compiling {names[mid]} ...", file=sys.stderr, flush=True)
+        compiled[mid] = compile_step(tx, shapes, dtype, head_dim, sharding, effort)
+        verdict = "fits" if compiled[mid]["fits"] else "does not fit"
+        print(f"  {compiled[mid]['seconds']:.0f} s: {verdict}", file=sys.stderr, flush=True)
+        fits, fails = (mid, fails) if compiled[mid]["fits"] else (fits, mid)
+    largest = (names[fits], compiled[fits]) if fits >= 0 else (None, None)
+    if fails == len(names):
+        return (*largest, None, None)
+    return (*largest, names[fails], compiled.get(fails, {"bound": bounds[fails]}))
+
+
+def search(sharding: jax.sharding.Sharding, effort: float) -> None:
+    """Prints, per setup, the largest model of ``family()`` whose step fits, and the next one."""
+    models = family()
+    print(f"LLaMA-style family: {', '.join(models)}\n")
+    rows = []
+    for setup, (tx, dtype) in SETUPS.items():
+        print(f"{setup}:", file=sys.stderr, flush=True)
+        rows.append((setup, *largest_fitting(tx, dtype, models, sharding, effort)))
+    print("| setup | largest model that fits | its peak HBM | next larger model | it needs |")
+    print("|---|---|---:|---|---:|")
+    for setup, largest, fit, larger, refused in rows:
+        peak = f"{gib(fit['peak'])} GiB" if fit and fit["peak"] is not None else "n/a"
+        if refused is None:
+            needs = ""
+        elif "bound" in refused:
+            needs = f"> {gib(refused['bound'])} GiB (params + state; not compiled)"
+        else:
+            needs = f"{gib(refused['needed'])} GiB"
+        print(f"| {setup} | {largest or 'none'} | {peak} | {larger or '(none)'} | {needs} |")
+    print(
+        "\nThe largest model whose whole training step XLA compiled within one TPU v5e chip "
+        "(peak HBM of its program) and the next larger model (the compiler's figure for the "
+        "program it refused); compiled ahead of time, not measured."
+    )
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -176,6 +270,11 @@ def main() -> None:
         "--all", action="store_true", help="also compile the models smaller than one that fits"
     )
     parser.add_argument(
+        "--search",
+        action="store_true",
+        help="find the largest model of a LLaMA-style family (0.5B to 7.3B) that fits, per setup",
+    )
+    parser.add_argument(
         "--effort",
         type=float,
         default=-1.0,
@@ -196,6 +295,9 @@ def main() -> None:
         f"{BATCH} x {SEQ_LEN} positions; jax {jax.__version__}, optax {optax.__version__}, "
         f"exec_time_optimization_effort {args.effort:g}\n"
     )
+    if args.search:
+        search(sharding, args.effort)
+        return
 
     by_size = sorted(MODELS, key=lambda m: -_models.num_params(MODELS[m][0]))
     results: dict[tuple[str, str], dict[str, Any]] = {}

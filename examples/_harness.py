@@ -43,24 +43,26 @@ def _cautious_adamw(learning_rate: optax.ScalarOrSchedule, weight_decay: float):
     )
 
 
+# CAME's forms by name: came()'s options beyond the learning rate, weight decay and mask.
+CAME_FORMS: dict[str, dict] = {
+    "came": {},
+    "came-debias": dict(debias=True),
+    "came-debias-cautious": dict(debias=True, cautious=True),
+    # The memory options: an int8 momentum, and stochastic rounding of bf16/fp16 parameters.
+    "came-debias-int8": dict(debias=True, mu_dtype="int8"),
+    "came-debias-sr": dict(debias=True, stochastic_rounding=True),
+}
+
+
+def _came(**options) -> Callable[[optax.ScalarOrSchedule, float], optax.GradientTransformation]:
+    return lambda lr, wd: came_optax.came(lr, weight_decay=wd, mask=decay_mask, **options)
+
+
 # Every optimizer an example can run, from (learning rate or schedule, weight decay).
 # optax.adafactor keeps its defaults (no weight decay) except that it factors any matrix,
 # as CAME does, instead of only those with both sides >= 128.
 OPTIMIZERS: dict[str, Callable[[optax.ScalarOrSchedule, float], optax.GradientTransformation]] = {
-    "came": lambda lr, wd: came_optax.came(lr, weight_decay=wd, mask=decay_mask),
-    "came-debias": lambda lr, wd: came_optax.came(
-        lr, weight_decay=wd, mask=decay_mask, debias=True
-    ),
-    "came-debias-cautious": lambda lr, wd: came_optax.came(
-        lr, weight_decay=wd, mask=decay_mask, debias=True, cautious=True
-    ),
-    # The memory options: an int8 momentum, and stochastic rounding of bf16/fp16 parameters.
-    "came-debias-int8": lambda lr, wd: came_optax.came(
-        lr, weight_decay=wd, mask=decay_mask, debias=True, mu_dtype="int8"
-    ),
-    "came-debias-sr": lambda lr, wd: came_optax.came(
-        lr, weight_decay=wd, mask=decay_mask, debias=True, stochastic_rounding=True
-    ),
+    **{name: _came(**options) for name, options in CAME_FORMS.items()},
     "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd, mask=decay_mask),
     "adamw-cautious": _cautious_adamw,
     "adafactor": lambda lr, wd: optax.adafactor(lr, min_dim_size_to_factor=1),
@@ -148,8 +150,24 @@ class StepTimer:
 
 
 def state_bytes(opt_state: optax.OptState) -> int:
-    """Bytes of every array in an optimizer state."""
-    return int(sum(x.nbytes for x in jax.tree.leaves(opt_state)))
+    """Bytes of every array (or ``jax.ShapeDtypeStruct``) in an optimizer state."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state)))
+
+
+def planned_state_bytes(name: str, params: optax.Params, **options) -> int | None:
+    """Bytes of optimizer ``name``'s state for ``params`` (arrays or shapes), nothing allocated.
+
+    ``options`` change a CAME form's ``came()`` arguments (``mu_dtype="int8"``: the same form
+    with an int8 momentum); for another optimizer they give ``None``.
+    """
+    schedule = optax.constant_schedule(0.0)  # a schedule keeps a step count, as in a run
+    if name in CAME_FORMS:
+        tx = _came(**{**CAME_FORMS[name], **options})(schedule, 0.0)
+    elif options:
+        return None
+    else:
+        tx = OPTIMIZERS[name](schedule, 0.0)
+    return state_bytes(jax.eval_shape(tx.init, params))
 
 
 # ----------------------------------------------------------------------------- report

@@ -33,13 +33,21 @@ def test_train_lm_prints_table_and_writes_plot(tmp_path):
         "train_lm.py", tmp_path, "--steps=4", "--log-every=2", "--eval-every=2",
         "--batch-size=2", "--seq-len=16", "--d-model=16", "--layers=1", "--heads=2",
     )  # fmt: skip
-    assert "| optimizer | peak lr | train loss | valid loss | state bytes | step ms |" in stdout
-    for name in ("came", "came-debias", "adamw", "adafactor"):
+    columns = "train loss | valid loss | state bytes (vs adamw) | with int8 mu (vs adamw) | step ms"
+    assert f"| optimizer | peak lr | {columns} |" in stdout
+    names = ["came", "came-debias", "came-debias-cautious", "adamw", "adafactor"]
+    for name in names:
         assert f"| {name} |" in stdout
     assert (tmp_path / "train_lm.png").stat().st_size > 0
     report = json.loads((tmp_path / "train_lm.json").read_text())
-    names = [r["optimizer"] for r in report["table"]]
-    assert names == ["came", "came-debias", "adamw", "adafactor"]
+    assert [r["optimizer"] for r in report["table"]] == names
+    rows = {r["optimizer"]: r for r in report["table"]}
+    # AdamW keeps two float32 copies of the parameters; CAME forms keep an int8 momentum
+    # smaller than their float32 one, and other optimizers have no int8 form.
+    assert rows["adamw"]["state_bytes"] == rows["adamw"]["adamw_state_bytes"]
+    for name in names[:3]:
+        assert 0 < rows[name]["int8_state_bytes"] < rows[name]["state_bytes"]
+    assert rows["adamw"]["int8_state_bytes"] is None
     assert all(len(r["train_losses"]) == 4 for r in report["runs"])
     assert [step for step, _ in report["runs"][0]["valid_curve"]] == [2, 4]
 
