@@ -19,7 +19,8 @@ from came_optax._factored import (
 from came_optax._rounding import StochasticRoundingState, stochastic_round_to_param_dtype
 from came_optax._sharding import state_shardings
 
-__version__ = "0.1.0"
+# The package's release; a saved state's layout has its own number (STATE_LAYOUT_VERSION).
+__version__ = "0.2.0"
 
 __all__ = [
     "ConfidenceState",
