@@ -390,13 +390,6 @@ def test_update_without_params_raises_a_clear_error():
         tx.update(params, tx.init(params))
 
 
-def test_optax_tree_get_finds_one_count_and_the_momentum():
-    tx = came_optax.came(1e-3)
-    _, state = _run(tx, steps=3)
-    assert int(optax.tree.get(state, "count")) == 3
-    chex.assert_trees_all_equal(optax.tree.get(state, "mu"), state[0].mu)
-
-
 def test_weight_decay_is_decoupled_and_scaled_by_learning_rate():
     lr, wd = 1e-2, 0.1
     params = _params()

@@ -453,7 +453,8 @@ def test_complex_leaf_with_fixed_phases_is_the_rotated_real_leaf(debias):
 def _x64():
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
-    from jax.experimental import enable_x64  # jax < 0.8
+    # jax < 0.8 has no jax.enable_x64; its context manager lived in jax.experimental.
+    from jax.experimental import enable_x64
 
     return enable_x64()
 
