@@ -33,11 +33,5 @@ def load_case(name: str) -> dict[str, Any]:
         }
 
 
-def relative_deviation(init: np.ndarray, expected: np.ndarray, actual: np.ndarray) -> float:
-    """Max |actual - expected| over all steps, over the max movement from init."""
-    movement = np.max(np.abs(expected.astype(np.float64) - init))
-    return float(np.max(np.abs(actual - expected)) / movement)
-
-
 def unstack(grads: dict[str, np.ndarray], steps: int) -> list[dict[str, np.ndarray]]:
     return [{k: g[t] for k, g in grads.items()} for t in range(steps)]

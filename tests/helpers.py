@@ -1,4 +1,5 @@
-"""What several test files share: exact tree comparisons, model shapes, fresh processes."""
+"""What several test files share: exact tree comparisons, training steps, model shapes,
+restore targets and fresh processes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from types import ModuleType
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import PartitionSpec as P
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +89,27 @@ def assert_finite(**trees) -> None:
             assert np.all(np.isfinite(np.asarray(x))), (
                 f"{name}{jax.tree_util.keystr(path)} is not finite"
             )
+
+
+# --- Training and restoring ---------------------------------------------------------------------
+
+
+def loss_step(tx, loss):
+    """A jitted ``step(params, opt_state, *batch)``: one step of ``tx`` on ``loss``."""
+
+    @jax.jit
+    def step(params, opt_state, *batch):
+        grads = jax.grad(loss)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def restore_target(tree):
+    """``ShapeDtypeStruct``\\ s of ``tree`` on this process's first device, to restore into."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 # --- Model shapes and state sizes ---------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import REPO, assert_bitwise_equal, run_python
+from helpers import REPO, assert_bitwise_equal, loss_step, restore_target, run_python
 
 import came_optax
 
@@ -76,26 +76,10 @@ OPTIMIZERS = {
 }
 
 
-def _make_step(tx):
-    @jax.jit
-    def step(params, opt_state, x, y):
-        grads = jax.grad(_loss)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return step
-
-
-def _abstract(tree):
-    device = jax.devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_resume_from_the_latest_checkpoint_is_bit_for_bit(name, tmp_path):
     tx = OPTIMIZERS[name]()
-    step = _make_step(tx)
+    step = loss_step(tx, _loss)
 
     params = _init_params()
     opt_state = jax.device_put(tx.init(params), jax.devices()[0])
@@ -117,7 +101,7 @@ def test_resume_from_the_latest_checkpoint_is_bit_for_bit(name, tmp_path):
     del params, opt_state
 
     # A fresh process knows only the parameters' shapes and the optimizer.
-    target = _abstract(
+    target = restore_target(
         {"params": _init_params(), "opt_state": jax.eval_shape(tx.init, _init_params())}
     )
     with ocp.CheckpointManager(tmp_path / "run", options=options) as manager:
@@ -135,12 +119,12 @@ def test_resume_from_the_latest_checkpoint_is_bit_for_bit(name, tmp_path):
 def test_restored_state_keeps_its_types_and_dtypes(tmp_path):
     tx = OPTIMIZERS["wrapped"]()
     params = _init_params()
-    opt_state = _make_step(tx)(params, tx.init(params), *_batch(0))[1]
+    opt_state = loss_step(tx, _loss)(params, tx.init(params), *_batch(0))[1]
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "state", opt_state)
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(
-            tmp_path / "state", _abstract(jax.eval_shape(tx.init, params))
+            tmp_path / "state", restore_target(jax.eval_shape(tx.init, params))
         )
     came = restored.inner_state.inner_state[0]
     assert isinstance(came, came_optax.ScaleByCameState)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from golden_data import CASES, RTOL_OF_MOVEMENT, load_case, relative_deviation
+from golden_data import CASES, RTOL_OF_MOVEMENT, load_case
+from helpers import assert_close_to_movement
 from reference_numpy import came_numpy
 from reference_torch import run_came_pytorch
 
@@ -40,9 +41,7 @@ def test_matches_golden_trajectory(case):
     lr = data["learning_rate"] if data["learning_rate"] is not None else GOLDEN_SCHEDULE
     tx = came_optax.came(lr, **data["hparams"])
     history = _trajectory(tx, data["init"], data["grads"], data["steps"])
-    for leaf, expected in data["params"].items():
-        dev = relative_deviation(data["init"][leaf], expected, history[leaf])
-        assert dev <= RTOL_OF_MOVEMENT, (leaf, dev)
+    assert_close_to_movement(history, data["params"], data["init"], RTOL_OF_MOVEMENT)
 
 
 def _random_problem(seed, shapes, steps):
@@ -74,9 +73,8 @@ def test_matches_float64_numpy_transcription(hparams, debias):
     history = _trajectory(tx, init, grads, steps)
     per_step = [{k: g[t] for k, g in grads.items()} for t in range(steps)]
     expected = came_numpy(init, per_step, learning_rate=lr, debias=debias, **hparams)
-    for leaf in SHAPES:
-        want = np.stack([p[leaf] for p in expected])
-        assert relative_deviation(init[leaf], want, history[leaf]) <= 1e-5, leaf
+    want = {leaf: np.stack([p[leaf] for p in expected]) for leaf in SHAPES}
+    assert_close_to_movement(history, want, init, tol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -93,8 +91,7 @@ def test_matches_installed_came_pytorch(hparams):
     init, grads = _random_problem(2, shapes, steps)
     expected = run_came_pytorch(init, grads, lr, **hparams)
     history = _trajectory(came_optax.came(lr, **hparams), init, grads, steps)
-    for leaf in shapes:
-        assert relative_deviation(init[leaf], expected[leaf], history[leaf]) <= 1e-5, leaf
+    assert_close_to_movement(history, expected, init, tol=1e-5)
 
 
 def test_bf16_params_follow_the_reference_closely():
@@ -110,7 +107,4 @@ def test_bf16_params_follow_the_reference_closely():
     grads16 = {k: g.astype(jnp.bfloat16) for k, g in grads.items()}
     expected = run_came_pytorch(init16, grads16, lr, dtype="bfloat16")
     history = _trajectory(came_optax.came(lr), init16, grads16, steps)
-    for leaf in shapes:
-        got = np.asarray(history[leaf], np.float32)
-        start = np.asarray(init16[leaf], np.float32)
-        assert relative_deviation(start, expected[leaf], got) < 0.02, leaf
+    assert_close_to_movement(history, expected, init16, tol=0.02)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import gpt2_small, run_python, state_bytes, tree_digest
+from helpers import gpt2_small, loss_step, restore_target, run_python, state_bytes, tree_digest
 
 import came_optax
 from came_optax import _quantize
@@ -246,10 +246,7 @@ def _loss(params, t):
 TRAIN_TX = came_optax.came(1e-2, weight_decay=0.1, mu_dtype="int8", debias=True)
 
 
-@jax.jit
-def _train_step(params, state, t):
-    updates, state = TRAIN_TX.update(jax.grad(_loss)(params, t), state, params)
-    return optax.apply_updates(params, updates), state
+_train_step = loss_step(TRAIN_TX, _loss)
 
 
 def _train(params, steps, start=0, state=None):
@@ -268,11 +265,7 @@ def test_resume_from_an_orbax_checkpoint_is_bit_for_bit(tmp_path):
     assert saved[1][0].mu["w1"].dtype == jnp.int8
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "step3", saved)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        (params, jax.eval_shape(TRAIN_TX.init, params)),
-    )
+    target = restore_target((params, jax.eval_shape(TRAIN_TX.init, params)))
     with ocp.StandardCheckpointer() as checkpointer:
         restored, state = checkpointer.restore(tmp_path / "step3", target)
     assert tree_digest((restored, state)) == tree_digest(saved)

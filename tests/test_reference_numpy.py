@@ -6,13 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from golden_data import (
-    CASES,
-    RTOL_OF_MOVEMENT,
-    load_case,
-    relative_deviation,
-    unstack,
-)
+from golden_data import CASES, RTOL_OF_MOVEMENT, load_case, unstack
+from helpers import assert_close_to_movement
 from reference_numpy import came_numpy, came_step, init_state
 from reference_torch import run_came_pytorch
 
@@ -28,10 +23,8 @@ def test_matches_golden(case: str):
         learning_rate=data["lrs"],
         **data["hparams"],
     )
-    for leaf, expected in data["params"].items():
-        actual = np.stack([step[leaf] for step in trajectory])
-        dev = relative_deviation(data["init"][leaf], expected, actual)
-        assert dev <= RTOL_OF_MOVEMENT, (leaf, dev)
+    actual = {leaf: np.stack([step[leaf] for step in trajectory]) for leaf in data["params"]}
+    assert_close_to_movement(actual, data["params"], data["init"], RTOL_OF_MOVEMENT)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -133,7 +126,5 @@ def test_live_against_came_pytorch(learning_rate: float, hparams: dict[str, floa
     stacked = {k: np.stack([g[k] for g in grads]) for k in init}
     expected = run_came_pytorch(init, stacked, learning_rate, **hparams)
     trajectory = came_numpy(init, grads, learning_rate=learning_rate, **hparams)
-    for k in init:
-        actual = np.stack([step[k] for step in trajectory])
-        dev = relative_deviation(init[k], expected[k], actual)
-        assert dev <= RTOL_OF_MOVEMENT, (k, dev)
+    actual = {k: np.stack([step[k] for step in trajectory]) for k in init}
+    assert_close_to_movement(actual, expected, init, RTOL_OF_MOVEMENT)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import REPO, assert_bitwise_equal, python_env
+from helpers import REPO, assert_bitwise_equal, loss_step, python_env, restore_target
 
 import came_optax
 
@@ -61,23 +61,13 @@ def _batch(step: int):
 TX = optax.inject_hyperparams(came_optax.came)(learning_rate=1e-2, weight_decay=0.1)
 
 
-@jax.jit
-def _step(params, opt_state, x, y):
-    grads = jax.grad(_loss)(params, x, y)
-    updates, opt_state = TX.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+_step = loss_step(TX, _loss)
 
 
 def _train(params, opt_state, steps):
     for t in steps:
         params, opt_state = _step(params, opt_state, *_batch(t))
     return {"params": params, "opt_state": opt_state}
-
-
-def _abstract(tree):
-    """``ShapeDtypeStruct``\\ s of ``tree``, placed on this process's device, to restore into."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def _stopping_path_class(point: str):
@@ -158,7 +148,8 @@ def test_save_killed_midway_leaves_previous_checkpoint_to_resume_from(point, tmp
     with ocp.CheckpointManager(directory) as manager:
         assert manager.all_steps() == [SAVED]
         assert manager.latest_step() == SAVED
-        target = _abstract({"params": _params(), "opt_state": jax.eval_shape(TX.init, _params())})
+        opt_state = jax.eval_shape(TX.init, _params())
+        target = restore_target({"params": _params(), "opt_state": opt_state})
         restored = manager.restore(SAVED, args=ocp.args.StandardRestore(target))
 
     uninterrupted_at_saved = _train(_params(), TX.init(_params()), range(SAVED))
@@ -178,7 +169,7 @@ def test_save_killed_midway_leaves_previous_checkpoint_to_resume_from(point, tmp
         manager.wait_until_finished()
         assert manager.latest_step() == KILLED
         assert_bitwise_equal(
-            manager.restore(KILLED, args=ocp.args.StandardRestore(_abstract(state))),
+            manager.restore(KILLED, args=ocp.args.StandardRestore(restore_target(state))),
             state,
         )
 

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from helpers import run_python, tree_digest
+from helpers import restore_target, run_python, tree_digest
 
 from came_optax import StochasticRoundingState, stochastic_round_to_param_dtype
 from came_optax._rounding import _exact_update
@@ -342,11 +342,7 @@ def test_resume_from_an_orbax_checkpoint_is_bit_for_bit(tmp_path):
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "step3", saved)
     # A fresh process knows only the parameters' shapes and the optimizer.
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        (_init_params(), jax.eval_shape(TRAIN_TX.init, _init_params())),
-    )
+    target = restore_target((_init_params(), jax.eval_shape(TRAIN_TX.init, _init_params())))
     with ocp.StandardCheckpointer() as checkpointer:
         params, state = checkpointer.restore(tmp_path / "step3", target)
     assert int(state[1].count) == 3
