@@ -221,7 +221,8 @@ def init_stats(leaf: Any, axes: Axes) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Zero ``(row, col, full)`` statistics for one leaf, placeholders where unused.
 
     Row and column statistics are sums of parameter-shaped zeros, so they are placed
-    like the parameter with the reduced axis removed (compiled, the zeros are folded away).
+    like the parameter with the reduced axis removed. Compiled, the zeros are folded away;
+    an eager ``init`` allocates them for a moment, one leaf at a time.
     """
     dtype = _leaves.stat_dtype(jnp.result_type(leaf))
     zeros = zeros_like_param(leaf, dtype)
