@@ -106,8 +106,8 @@ def came(
   several times below AdamW's (``debias=True`` removes most of that gap).
 
   Like came-pytorch, a NaN or Inf gradient enters the statistics for good;
-  wrap the optimizer in ``optax.apply_if_finite`` to skip such steps. Finite
-  gradients too large to square in float32 are rescaled (see
+  wrap the optimizer in ``optax.apply_if_finite`` to skip such steps. Means of
+  finite gradients too large to square in float32 saturate (see
   :func:`scale_by_factored_second_moment`) instead of turning into NaN.
 
   Args:
