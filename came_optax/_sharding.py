@@ -22,15 +22,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec, Sharding
 
+from came_optax import _checks
+
 ShardingOrSpec = Sharding | PartitionSpec | None
 
 
 def _is_sharding_leaf(x: Any) -> bool:
     return x is None or isinstance(x, (Sharding, PartitionSpec))
-
-
-def _leaf_name(path: jax.tree_util.KeyPath) -> str:
-    return jax.tree_util.keystr(path) or "the parameters"
 
 
 def _param_spec(path: jax.tree_util.KeyPath, leaf: Any, given: ShardingOrSpec) -> PartitionSpec:
@@ -46,17 +44,17 @@ def _param_spec(path: jax.tree_util.KeyPath, leaf: Any, given: ShardingOrSpec) -
         return PartitionSpec()
     else:
         raise ValueError(
-            f"state_shardings: the sharding of {_leaf_name(path)} is a "
+            f"state_shardings: the sharding of {_checks.leaf_name(path)} is a "
             f"{type(given).__name__}; pass a jax.sharding.NamedSharding or a PartitionSpec."
         )
     if len(spec) > ndim:
         raise ValueError(
-            f"state_shardings: {_leaf_name(path)} has rank {ndim} but its partition spec "
+            f"state_shardings: {_checks.leaf_name(path)} has rank {ndim} but its partition spec "
             f"{spec} has {len(spec)} entries."
         )
     if any(entry is PartitionSpec.UNCONSTRAINED for entry in spec):
         raise ValueError(
-            f"state_shardings: {_leaf_name(path)} has an UNCONSTRAINED partition spec "
+            f"state_shardings: {_checks.leaf_name(path)} has an UNCONSTRAINED partition spec "
             f"{spec}; give every axis a mesh axis or None."
         )
     return spec
@@ -206,9 +204,9 @@ def state_shardings(
             sharding = getattr(leaf, "sharding", None)
             if sharding is None:
                 raise ValueError(
-                    f"state_shardings: {_leaf_name(path)} has no sharding; pass arrays placed "
-                    "with a NamedSharding, ShapeDtypeStructs built with sharding=, or the "
-                    "shardings argument."
+                    f"state_shardings: {_checks.leaf_name(path)} has no sharding; pass arrays "
+                    "placed with a NamedSharding, ShapeDtypeStructs built with sharding=, or "
+                    "the shardings argument."
                 )
             given.append(sharding)
     else:
