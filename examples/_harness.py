@@ -1,12 +1,14 @@
-"""What the examples' learning-rate sweeps share: optimizers, the sweep, timing and the report.
+"""What the examples share: optimizers, the sweep, the byte text, timing and the report.
 
-``train_lm.py`` and ``train_cnn.py`` each keep their own config, data, model, step and
-loop; this module holds the parts that are the same in both: the optimizers by name
-(each with a warm-up + cosine schedule and weight decay on matrices), the command-line
-flags of a sweep, the (optimizer, learning rate, seed) grid, a progress bar, the step
-timer, the optimizer-state bytes, the per-(optimizer, learning rate) summary, the
-markdown table, and the PNG + JSON files. ``convergence_study.py`` takes the optimizer
-names and the file writer from it.
+``train_lm.py`` and ``train_cnn.py`` each keep their own config, model, step and loop;
+this module holds the parts that are the same in both: the optimizers by name (each
+with a warm-up + cosine schedule and weight decay on matrices), the command-line flags
+of a sweep, the (optimizer, learning rate, seed) grid, a progress bar, the step timer,
+the optimizer-state bytes, the per-(optimizer, learning rate) summary, the markdown
+table, and the PNG + JSON files. The byte-level text and its batches serve
+``train_lm.py`` and ``many_layers.py``, which also takes the schedule, the progress
+bar and the file writer. ``convergence_study.py`` takes the optimizer names and the
+file writer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from matplotlib.figure import Figure
@@ -74,11 +77,46 @@ def make_optimizer(name: str, lr: float, args: argparse.Namespace) -> optax.Grad
 
     The warm-up lasts ``args.warmup`` of ``args.steps``; the decay ends at the last step.
     """
-    warmup_steps = max(1, int(args.warmup * args.steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps, args.steps, end_value=lr / 10
-    )
-    return OPTIMIZERS[name](schedule, args.weight_decay)
+    return OPTIMIZERS[name](warmup_cosine(lr, args.steps, args.warmup), args.weight_decay)
+
+
+def warmup_cosine(lr: float, steps: int, warmup: float) -> optax.Schedule:
+    """A linear warm-up over ``warmup`` of ``steps`` to ``lr``, then a cosine decay to
+    ``lr / 10`` at the last step."""
+    warmup_steps = max(1, int(warmup * steps))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, steps, end_value=lr / 10)
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def load_text() -> tuple[np.ndarray, np.ndarray]:
+    """CPython's help topics as UTF-8 bytes: the first 90% to train on, the rest to validate.
+
+    The topics are joined in sorted order, so the split is the same on every run (the
+    text itself differs a little between Python versions).
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    split = int(0.9 * len(data))
+    return data[:split], data[split:]
+
+
+def windows(data: np.ndarray, seq_len: int, count: int | None = None) -> jax.Array:
+    """Consecutive non-overlapping windows of ``seq_len + 1`` bytes (input plus target)."""
+    n = (len(data) - 1) // seq_len
+    if count is not None:
+        n = min(n, count)
+    starts = np.arange(n) * seq_len
+    return jnp.asarray(data[starts[:, None] + np.arange(seq_len + 1)])
+
+
+def sample_batch(data: jax.Array, key: jax.Array, batch_size: int, seq_len: int) -> jax.Array:
+    """Windows of ``seq_len + 1`` bytes at random offsets, drawn on the device."""
+    starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - seq_len - 1)
+    return data[starts[:, None] + jnp.arange(seq_len + 1)]
 
 
 # ------------------------------------------------------------------------------ sweep

@@ -30,7 +30,7 @@ forms start at their base optimizer's learning rate. So do the memory options
 ``came-debias-int8`` (``mu_dtype="int8"``) and ``came-debias-sr``
 (``stochastic_rounding=True``, which matters with
 ``--param-dtype=bfloat16``: parameters stored in bfloat16, arithmetic in float32).
-The optimizers, the sweep and the report files come from ``_harness.py``.
+The text, the optimizers, the sweep and the report files come from ``_harness.py``.
 """
 
 from __future__ import annotations
@@ -81,38 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50, help="steps per jitted call")
     p.add_argument("--eval-every", type=int, default=250, help="a multiple of --log-every")
     return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def load_text() -> tuple[np.ndarray, np.ndarray]:
-    """CPython's help topics as UTF-8 bytes: the first 90% to train on, the rest to validate.
-
-    The topics are joined in sorted order, so the split is the same on every run (the
-    text itself differs a little between Python versions).
-    """
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    split = int(0.9 * len(data))
-    return data[:split], data[split:]
-
-
-def windows(data: np.ndarray, seq_len: int, count: int | None = None) -> jax.Array:
-    """Consecutive non-overlapping windows of ``seq_len + 1`` bytes (input plus target)."""
-    n = (len(data) - 1) // seq_len
-    if count is not None:
-        n = min(n, count)
-    starts = np.arange(n) * seq_len
-    return jnp.asarray(data[starts[:, None] + np.arange(seq_len + 1)])
-
-
-def sample_batch(data: jax.Array, key: jax.Array, batch_size: int, seq_len: int) -> jax.Array:
-    """Windows of ``seq_len + 1`` bytes at random offsets, drawn on the device."""
-    starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - seq_len - 1)
-    return data[starts[:, None] + jnp.arange(seq_len + 1)]
 
 
 # ---------------------------------------------------------------------------- model
@@ -200,7 +168,7 @@ def train_steps(
 
     def step(state, key):
         model, optimizer = nnx.merge(graphdef, state)
-        batch = sample_batch(data, key, batch_size, seq_len)
+        batch = harness.sample_batch(data, key, batch_size, seq_len)
         loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), loss
@@ -319,9 +287,9 @@ def plot(runs: list[dict]) -> Figure:
 def main(argv: list[str] | None = None) -> None:
     """Trains every requested (optimizer, lr, seed), then prints the table and writes the PNG."""
     args = parse_args(argv)
-    train_bytes, valid_bytes = load_text()
-    valid_eval = windows(valid_bytes, args.seq_len)
-    train_eval = windows(train_bytes, args.seq_len, len(valid_eval))
+    train_bytes, valid_bytes = harness.load_text()
+    valid_eval = harness.windows(valid_bytes, args.seq_len)
+    train_eval = harness.windows(train_bytes, args.seq_len, len(valid_eval))
     text = (jnp.asarray(train_bytes), train_eval, valid_eval)
     device = jax.devices()[0].device_kind
     print(
