@@ -65,6 +65,8 @@ def came(
     cautious: bool = False,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    batch_dims: Any = None,
+    group_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""CAME: Confidence-guided Adaptive Memory Efficient Optimization.
 
@@ -152,6 +154,31 @@ def came(
       are unaffected. Beyond the paper.
     seed: the stochastic rounding's seed, a Python int in [0, 2**32); under
       ``optax.inject_hyperparams`` list it in ``static_args``.
+    batch_dims: the number of leading axes of each leaf that hold independent
+      copies, such as the layer axis of blocks stacked for ``nnx.scan`` or
+      ``jax.lax.scan``: an int for every leaf, a tree of ints with the
+      parameters' structure, or a callable of the parameters returning one
+      (as ``mask``). Everything CAME computes over a leaf is then computed per
+      copy: the factored statistics (over the remaining axes), the RMS clip,
+      the cautious kept fraction and the int8 blocks, so a ``(layers, m, n)``
+      leaf with ``batch_dims=1`` is updated exactly as ``layers`` separate
+      ``(m, n)`` leaves. None, the default, is 0 for every leaf (the
+      reference's view of a tensor): the clip and the kept fraction span all
+      copies, and a stacked vector is factored as a matrix. A leaf with fewer
+      axes than its ``batch_dims`` is an error. Under
+      ``optax.inject_hyperparams`` list it in ``static_args`` unless it is a
+      tree.
+    group_leaves: stack leaves of one shape, dtype and ``batch_dims`` into one
+      array per group, keep the state that way, and update each group at once
+      (as a leaf with one more batch axis), so a model of many same-shaped
+      layers costs a few large kernels instead of several per leaf, and
+      compiles faster. The values are those of per-leaf CAME to float32
+      rounding. The state's statistics become :class:`Grouped` stacks instead
+      of trees like the parameters (see README, "Many layers", for
+      checkpoints, sharding and ``optax.tree.map_params``); convert a state
+      between the two layouts with :func:`upgrade_state`. Leaves that must not
+      be stacked together (sharded differently under auto mesh axes) belong in
+      separate ``optax.partition`` groups.
 
   Returns:
     The optimizer, an ``optax.GradientTransformationExtraArgs``. Its
@@ -194,10 +221,12 @@ def came(
         debias,
         factored_dims,
         min_dim_size_to_factor,
+        batch_dims,
+        group_leaves,
         who="came",
     )
     tx = optax.chain(
-        _cautious.cautious(preconditioner) if cautious else preconditioner,
+        _cautious.cautious(preconditioner, batch_dims=batch_dims) if cautious else preconditioner,
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
         stochastic_round_to_param_dtype(seed) if stochastic_rounding else cast_to_param_dtype(),

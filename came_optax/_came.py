@@ -60,9 +60,14 @@ FIELDS = {
 }
 
 
-def clip_by_rms(u: jax.Array, threshold: Any) -> jax.Array:
-    r"""One leaf of ``optax.clip_by_block_rms``: :math:`u / \max(1, \operatorname{RMS}(u) / d)`."""
-    return u / jnp.maximum(1.0, jnp.sqrt(jnp.mean(_factored.abs_square(u))) / threshold)
+def clip_by_rms(u: jax.Array, threshold: Any, batch_dims: int = 0) -> jax.Array:
+    r"""One leaf of ``optax.clip_by_block_rms``: :math:`u / \max(1, \operatorname{RMS}(u) / d)`.
+
+    With ``batch_dims``, each copy ``u[i, ...]`` along the leading axes is clipped on its own.
+    """
+    copy_axes = tuple(range(batch_dims, u.ndim))
+    rms = jnp.sqrt(jnp.mean(_factored.abs_square(u), axis=copy_axes, keepdims=True))
+    return u / jnp.maximum(1.0, rms / threshold)
 
 
 def scale_by_came(
@@ -77,6 +82,8 @@ def scale_by_came(
     debias: bool = False,
     factored_dims: _factored.FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
+    batch_dims: Any = None,
+    group_leaves: bool = False,
 ) -> optax.GradientTransformation:
     r"""CAME's preconditioner: factored second moment, RMS clip, confidence-scaled momentum.
 
@@ -101,9 +108,9 @@ def scale_by_came(
     decay and the learning rate.
 
     Its arguments (``b1``, ``b2``, ``b3``, ``eps1``, ``eps2``, ``clip_threshold``,
-    ``mu_dtype``, ``debias``, ``factored_dims``, ``min_dim_size_to_factor``) are
-    those of :func:`came`; ``came(cautious=True)`` wraps this transformation in
-    :func:`cautious`.
+    ``mu_dtype``, ``debias``, ``factored_dims``, ``min_dim_size_to_factor``,
+    ``batch_dims``, ``group_leaves``) are those of :func:`came`;
+    ``came(cautious=True)`` wraps this transformation in :func:`cautious`.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a
@@ -133,6 +140,8 @@ def scale_by_came(
         debias,
         factored_dims,
         min_dim_size_to_factor,
+        batch_dims,
+        group_leaves,
         who="scale_by_came",
     )
 
@@ -148,6 +157,8 @@ def came_transformation(
     debias,
     factored_dims,
     min_dim_size_to_factor,
+    batch_dims,
+    group_leaves,
     *,
     who: str,
 ) -> optax.GradientTransformation:
@@ -162,6 +173,7 @@ def came_transformation(
     factoring = (factored_dims, min_dim_size_to_factor)
     _factored.check_factoring_args(*factoring)
     mu_dtype = _checks.resolve_dtype("mu_dtype", mu_dtype, _confidence.QUANTIZED)
+    _checks.check_bool("group_leaves", group_leaves)
     axes_of = functools.partial(
         _factored.factored_axes,
         factored_dims=factored_dims,
@@ -170,23 +182,27 @@ def came_transformation(
 
     def init_fn(params):
         _checks.check_param_leaves(params, who)
-        mu, mu_scale = _confidence.init_momentum(params, mu_dtype, who)
-        v_row, v_col, v = _factored.init_second_moment(params, *factoring)
-        r_row, r_col, _ = _factored.init_second_moment(params, *factoring)
-        count = jnp.zeros([], jnp.int32)
-        return ScaleByCameState(count, mu, v_row, v_col, v, r_row, r_col, mu_scale)
+        dims = _leaves.batch_dims_of(batch_dims, params, who)
+        mu, mu_scale = _confidence.init_momentum(params, mu_dtype, who, dims)
+        v_row, v_col, v = _factored.init_second_moment(params, *factoring, dims)
+        r_row, r_col, _ = _factored.init_second_moment(params, *factoring, dims)
+        fields = dict(mu=mu, v_row=v_row, v_col=v_col, v=v, r_row=r_row, r_col=r_col)
+        fields = _leaves.init_fields(
+            fields | {"mu_scale": mu_scale}, params, batch_dims, group_leaves, who
+        )
+        return ScaleByCameState(jnp.zeros([], jnp.int32), **fields)
 
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
 
-        def leaf(g, axes, mu, v_row, v_col, v, r_row, r_col, scale):
+        def leaf(g, axes, copies, mu, v_row, v_col, v, r_row, r_col, scale):
             c2, c1, c3 = _factored.bias_corrections(
                 (b2, b1, b3), count, _leaves.stat_dtype(g.dtype), debias
             )
             u, v_row, v_col, v = _factored.second_moment(g, v_row, v_col, v, axes, b2, eps1, c2)
             if clip_threshold is not None:
-                u = clip_by_rms(u, clip_threshold)
+                u = clip_by_rms(u, clip_threshold, copies)
             m = _confidence.load_momentum(mu, scale, g.dtype)
             out, m, r_row, r_col = _confidence.confidence(
                 u, m, r_row, r_col, axes, b1, b3, eps2, (c1, c3)
@@ -194,7 +210,7 @@ def came_transformation(
             mu, scale = _confidence.store_momentum(m, mu, scale)
             return out, mu, v_row, v_col, v, r_row, r_col, scale
 
-        outs, fields = _leaves.update_leaves(leaf, updates, state, FIELDS, axes_of, who)
+        outs, fields = _leaves.update_leaves(leaf, updates, state, FIELDS, axes_of, batch_dims, who)
         return outs, ScaleByCameState(count, **fields)
 
     return optax.GradientTransformation(init_fn, update_fn)

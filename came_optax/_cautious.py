@@ -10,14 +10,18 @@ call on its own update.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from came_optax import _checks
+from came_optax import _checks, _leaves
 
 
-def cautious_factor(update: jax.Array, grad: jax.Array, floor: float | jax.Array) -> jax.Array:
+def cautious_factor(
+    update: jax.Array, grad: jax.Array, floor: float | jax.Array, batch_dims: int = 0
+) -> jax.Array:
     r"""The cautious mask of one leaf, rescaled to keep the update's scale.
 
     With :math:`\phi = \mathbb{1}[u \cdot g > 0]` elementwise (for complex
@@ -46,13 +50,15 @@ def cautious_factor(update: jax.Array, grad: jax.Array, floor: float | jax.Array
     The sign test is exact for real leaves (it compares signs, so tiny products
     do not underflow to "disagree"; subnormals count as zero where the platform
     flushes them). The factor is float32; ``k`` is a mean over the whole leaf,
-    which XLA all-reduces when the leaf is sharded.
+    which XLA all-reduces when the leaf is sharded. With ``batch_dims``, ``k`` is
+    taken per copy ``update[i, ...]`` along the leading axes.
 
     Args:
       update: one leaf of the update to mask.
       grad: the gradient leaf of the same shape.
       floor: lower bound on the kept fraction in the rescaling, in (0, 1]; a
         Python number or a scalar array.
+      batch_dims: the number of leading axes that hold independent copies.
 
     Returns:
       A float32 array of ``update``'s shape.
@@ -79,13 +85,15 @@ def cautious_factor(update: jax.Array, grad: jax.Array, floor: float | jax.Array
     else:
         agree = ((update > 0) & (grad > 0)) | ((update < 0) & (grad < 0))
     mask = agree.astype(jnp.float32)
-    kept_fraction = jnp.mean(mask, dtype=jnp.float32)
+    copy_axes = tuple(range(batch_dims, mask.ndim))
+    kept_fraction = jnp.mean(mask, axis=copy_axes, keepdims=True, dtype=jnp.float32)
     return mask / jnp.maximum(kept_fraction, jnp.asarray(floor, jnp.float32))
 
 
 def cautious(
     inner: optax.GradientTransformation,
     floor: float | jax.Array = 1e-3,
+    batch_dims: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Masks ``inner``'s update where it disagrees in sign with the gradient.
 
@@ -114,6 +122,9 @@ def cautious(
       floor: lower bound on the kept fraction in the rescaling, in (0, 1];
         the default 1e-3 is the authors' reference code. May be injected with
         ``optax.inject_hyperparams``.
+      batch_dims: leading axes of each leaf that hold independent copies, each
+        with its own kept fraction: an int, a tree of ints like the parameters,
+        or a callable of them (as :func:`came`'s).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
@@ -140,10 +151,18 @@ def cautious(
     def update_fn(updates, state, params=None, **extra_args):
         inner_updates, state = inner.update(updates, state, params, **extra_args)
 
-        def mask_leaf(u, g):
-            compute_dtype = jnp.promote_types(u.dtype, jnp.float32)
-            return (u.astype(compute_dtype) * cautious_factor(u, g, floor)).astype(u.dtype)
+        dims = _leaves.batch_dims_of(batch_dims, updates, "cautious")
 
-        return jax.tree.map(mask_leaf, inner_updates, updates), state
+        def mask_leaf(u, g, b):
+            compute_dtype = jnp.promote_types(u.dtype, jnp.float32)
+            return (u.astype(compute_dtype) * cautious_factor(u, g, floor, b)).astype(u.dtype)
+
+        masked = [
+            mask_leaf(u, g, b)
+            for u, g, b in zip(
+                jax.tree.leaves(inner_updates), jax.tree.leaves(updates), dims, strict=True
+            )
+        ]
+        return _leaves.like(inner_updates, masked), state
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)

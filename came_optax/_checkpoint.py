@@ -417,7 +417,7 @@ def upgrade_state(state: Any, tx: optax.GradientTransformation, params: Any) -> 
     return _Match("upgrade_state", tx, params, upgrade=True)(jax.eval_shape(tx.init, params), state)
 
 
-def convert_momentum(state: Any, mu_dtype: Any) -> Any:
+def convert_momentum(state: Any, mu_dtype: Any, batch_dims: Any = None) -> Any:
     r"""``state`` with CAME's momentum stored in ``mu_dtype``: switch precision at a checkpoint.
 
     Every momentum of a :class:`ScaleByCameState` or :class:`ConfidenceState`
@@ -444,6 +444,9 @@ def convert_momentum(state: Any, mu_dtype: Any) -> Any:
         by :func:`upgrade_state`).
       mu_dtype: a floating or complex dtype, ``'int8'``, or None for float32
         (complex64 for complex momenta).
+      batch_dims: the optimizer's ``batch_dims`` (an int, a tree of ints like
+        the parameters, or a callable of them), which decides the int8 blocks;
+        a state kept with ``group_leaves=True`` stays grouped.
 
     Returns:
       The converted state, with the same structure.
@@ -468,21 +471,26 @@ def convert_momentum(state: Any, mu_dtype: Any) -> Any:
         if not isinstance(node, _MOMENTUM_STATES):
             return node
         found = True
-        flat, treedef = jax.tree_util.tree_flatten_with_path(node.mu)
-        scales = jax.tree.leaves(node.mu_scale)
+        grouped = isinstance(node.mu, _leaves.Grouped)
+        mu_tree, scale_tree = node.mu, node.mu_scale
+        if grouped:
+            mu_tree, scale_tree = mu_tree.ungrouped(), scale_tree.ungrouped()
+        flat, treedef = jax.tree_util.tree_flatten_with_path(mu_tree)
+        dims = _leaves.batch_dims_of(batch_dims, mu_tree, who)
         mus, new_scales = [], []
-        for (path, mu), scale in zip(flat, scales, strict=True):
+        for (path, mu), scale, b in zip(flat, jax.tree.leaves(scale_tree), dims, strict=True):
             m = _confidence.load_momentum(mu, scale, _leaves.compute_dtype(mu.dtype))
-            dtype = _confidence.momentum_dtype(m, mu_dtype, path, who)
+            dtype = _confidence.momentum_dtype(m, mu_dtype, path, who, b)
             if dtype.name in _confidence.QUANTIZED:
-                q, scale = _quantize.quantize(m, _quantize.block_shape(m.shape))
+                q, scale = _quantize.quantize(m, _quantize.block_shape(m.shape, b))
             else:
                 q, scale = m.astype(dtype), _leaves.placeholder()
             mus.append(q)
             new_scales.append(scale)
-        return node._replace(
-            mu=jax.tree.unflatten(treedef, mus), mu_scale=_leaves.like(node.mu_scale, new_scales)
-        )
+        mu, mu_scale = jax.tree.unflatten(treedef, mus), _leaves.like(scale_tree, new_scales)
+        if grouped:
+            mu, mu_scale = (_leaves.group(t, node.mu.members) for t in (mu, mu_scale))
+        return node._replace(mu=mu, mu_scale=mu_scale)
 
     converted = jax.tree.map(convert, state, is_leaf=lambda x: isinstance(x, _MOMENTUM_STATES))
     if not found:

@@ -64,6 +64,12 @@ def check_static_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}; got {value}.")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raises ValueError unless ``value`` is a Python bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a Python bool decided at trace time; got {value!r}.")
+
+
 def resolve_dtype(name: str, dtype: Any, integers: tuple[str, ...] = ()) -> jnp.dtype | None:
     """Canonicalises a dtype argument, raising a ValueError for non-dtypes.
 

@@ -74,8 +74,8 @@ def confidence(
     return _factored.outer(m_hat, s_row, s_col, axes), m, r_row, r_col
 
 
-def momentum_dtype(param: Any, mu_dtype: Any, path: Any, who: str) -> jnp.dtype:
-    """The stored momentum's dtype for a parameter, validated."""
+def momentum_dtype(param: Any, mu_dtype: Any, path: Any, who: str, batch_dims: int) -> jnp.dtype:
+    """The stored momentum's dtype for a parameter with ``batch_dims`` batch axes, validated."""
     param_dtype = jnp.result_type(param)
     if mu_dtype is None:
         return _leaves.compute_dtype(param_dtype)
@@ -94,42 +94,47 @@ def momentum_dtype(param: Any, mu_dtype: Any, path: Any, who: str) -> jnp.dtype:
             f"{_checks.leaf_name(path)} ({jnp.dtype(param_dtype).name}); use mu_dtype=None or "
             "optax.partition to give complex leaves their own optimizer."
         )
-    if mu_dtype.name in QUANTIZED and _quantize.block_shape(jnp.shape(param)) is None:
+    if mu_dtype.name in QUANTIZED and _quantize.block_shape(jnp.shape(param), batch_dims) is None:
         return _leaves.compute_dtype(param_dtype)
     return jnp.dtype(mu_dtype)
 
 
-def init_momentum(params: Any, mu_dtype: Any, who: str) -> tuple[Any, Any]:
+def init_momentum(params: Any, mu_dtype: Any, who: str, dims: list[int]) -> tuple[Any, Any]:
     """Zero momentum in the parameters' structure, sharded like each parameter, and its scales.
 
-    The scales (the second tree, without metadata boxes) are zeros where the momentum is int8
-    and placeholders elsewhere.
+    ``dims`` holds each leaf's batch axes. The scales (the second tree, without metadata
+    boxes) are zeros where the momentum is int8 and placeholders elsewhere.
     """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    mu = _leaves.like(
+        params,
+        [
+            _factored.zeros_like_param(p, momentum_dtype(p, mu_dtype, path, who, b))
+            for (path, p), b in zip(flat, dims, strict=True)
+        ],
+    )
 
-    def zeros(path, p):
-        return _factored.zeros_like_param(p, momentum_dtype(p, mu_dtype, path, who))
-
-    def scales(p):
-        block = _quantize.block_shape(jnp.shape(p))
+    def scales(p, b):
+        block = _quantize.block_shape(jnp.shape(p), b)
         if mu_dtype is None or mu_dtype.name not in QUANTIZED or block is None:
             return _leaves.placeholder()
         return _quantize.zero_scales(_factored.zeros_like_param(p, jnp.float32), block)
 
-    return jax.tree_util.tree_map_with_path(zeros, params), _leaves.unboxed(scales, params)
+    return mu, _leaves.unzip_tree(lambda p, b: (scales(p, b),), params, 1, dims)[0]
 
 
 def load_momentum(mu: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
     """The stored momentum in the compute ``dtype`` (dequantized if it is int8)."""
     if mu.dtype != jnp.int8:
         return mu.astype(dtype)
-    return _quantize.dequantize(mu, scale, _quantize.block_shape(mu.shape), dtype)
+    return _quantize.dequantize(mu, scale, _quantize.block_of(mu.shape, scale.shape), dtype)
 
 
 def store_momentum(m: jax.Array, mu: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The new momentum ``m`` in the stored momentum's dtype, and its scales."""
+    """The new momentum ``m`` in the stored momentum's dtype (and blocks), and its scales."""
     if mu.dtype != jnp.int8:
         return m.astype(mu.dtype), scale
-    return _quantize.quantize(m, _quantize.block_shape(m.shape))
+    return _quantize.quantize(m, _quantize.block_of(mu.shape, scale.shape))
 
 
 FIELDS = {"mu": "param", "mu_scale": None, "r_row": "row", "r_col": "col"}
@@ -144,6 +149,8 @@ def scale_by_confidence(
     debias: bool = False,
     factored_dims: _factored.FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
+    batch_dims: Any = None,
+    group_leaves: bool = False,
 ) -> optax.GradientTransformation:
     r"""Momentum scaled by the inverse root of a factored instability estimate.
 
@@ -199,6 +206,10 @@ def scale_by_confidence(
       factored_dims: which axes to factor; see :func:`factored_axes`.
       min_dim_size_to_factor: minimum size of both factored axes; None (the
         reference) factors every leaf of rank >= 2.
+      batch_dims: leading axes of each leaf that hold independent copies (see
+        :func:`came_optax.came`): never factored, and int8 blocks span one copy.
+      group_leaves: keep the statistics stacked per group of same-shaped leaves
+        and update each group at once (see :func:`came_optax.came`).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a
@@ -230,17 +241,22 @@ def scale_by_confidence(
     )
     who = "scale_by_confidence"
 
+    _checks.check_bool("group_leaves", group_leaves)
+
     def init_fn(params):
         _checks.check_param_leaves(params, who)
-        mu, mu_scale = init_momentum(params, mu_dtype, who)
-        stats = _factored.init_second_moment(params, factored_dims, min_dim_size_to_factor)
-        return ConfidenceState(jnp.zeros([], jnp.int32), mu, stats[0], stats[1], mu_scale)
+        dims = _leaves.batch_dims_of(batch_dims, params, who)
+        mu, mu_scale = init_momentum(params, mu_dtype, who, dims)
+        stats = _factored.init_second_moment(params, factored_dims, min_dim_size_to_factor, dims)
+        fields = {"mu": mu, "r_row": stats[0], "r_col": stats[1], "mu_scale": mu_scale}
+        fields = _leaves.init_fields(fields, params, batch_dims, group_leaves, who)
+        return ConfidenceState(jnp.zeros([], jnp.int32), **fields)
 
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
 
-        def leaf(u, axes, mu, scale, row, col):
+        def leaf(u, axes, _, mu, scale, row, col):
             decays = (b1, b3)
             corrections = _factored.bias_corrections(
                 decays, count, _leaves.stat_dtype(u.dtype), debias
@@ -249,7 +265,7 @@ def scale_by_confidence(
             out, m, row, col = confidence(u, m, row, col, axes, b1, b3, eps2, corrections)
             return (out, *store_momentum(m, mu, scale), row, col)
 
-        outs, fields = _leaves.update_leaves(leaf, updates, state, FIELDS, axes_of, who)
+        outs, fields = _leaves.update_leaves(leaf, updates, state, FIELDS, axes_of, batch_dims, who)
         return outs, ConfidenceState(count, **fields)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -67,8 +67,13 @@ def factored_axes(
     shape: tuple[int, ...],
     factored_dims: FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
+    batch_dims: int = 0,
 ) -> Axes:
     """Which two axes of a leaf are factored, or None to keep a full statistic.
+
+    Only the axes after the first ``batch_dims`` are candidates: a leaf of shape
+    ``(layers, *s)`` with ``batch_dims=1`` is factored on the axes a leaf of shape ``s``
+    would be, shifted by one.
 
     Args:
       shape: the leaf's shape.
@@ -78,6 +83,8 @@ def factored_axes(
       min_dim_size_to_factor: if set, a leaf is factored only when both chosen
         axes have at least this size (``optax.adafactor`` uses 128). None, the
         default, factors regardless of size, as came-pytorch does.
+      batch_dims: the number of leading axes that hold independent copies (layers of a
+        scanned model); they are never factored.
 
     Returns:
       ``(row_axis, col_axis)`` with ``row_axis < col_axis``: the row statistic
@@ -90,22 +97,28 @@ def factored_axes(
       (2, 3)
       >>> factored_axes((3, 3, 64, 128), 'largest_two', min_dim_size_to_factor=128) is None
       True
+      >>> factored_axes((12, 768)), factored_axes((12, 768), batch_dims=1) is None
+      ((0, 1), True)
 
     References:
       Shazeer & Stern, Adafactor, ICML 2018 (arXiv:1804.04235), section 3.
     """
     check_factoring_args(factored_dims, min_dim_size_to_factor)
-    if len(shape) < 2 or 0 in shape:
+    _checks.check_static_int("batch_dims", batch_dims, 0)
+    if batch_dims > len(shape):
+        raise ValueError(f"batch_dims={batch_dims} exceeds the rank of shape {tuple(shape)}.")
+    copy = tuple(shape[batch_dims:])
+    if len(copy) < 2 or 0 in copy:
         return None
     if factored_dims == "last_two":
-        axes = (len(shape) - 2, len(shape) - 1)
+        axes = (len(copy) - 2, len(copy) - 1)
     else:
         # Stable sort: among equal sizes the later axes win, like the reference.
-        order = sorted(range(len(shape)), key=lambda a: (shape[a], a))
+        order = sorted(range(len(copy)), key=lambda a: (copy[a], a))
         axes = tuple(sorted(order[-2:]))
-    if min_dim_size_to_factor is not None and min(shape[a] for a in axes) < min_dim_size_to_factor:
+    if min_dim_size_to_factor is not None and min(copy[a] for a in axes) < min_dim_size_to_factor:
         return None
-    return axes
+    return (axes[0] + batch_dims, axes[1] + batch_dims)
 
 
 def abs_square(x: jax.Array) -> jax.Array:
@@ -232,13 +245,18 @@ def init_stats(leaf: Any, axes: Axes) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.sum(zeros, col_axis), jnp.sum(zeros, row_axis), _leaves.placeholder(dtype)
 
 
-def init_second_moment(params: Any, factored_dims: FactoredDims, min_dim: int | None):
-    """``(v_row, v_col, v)`` trees of zeros for ``params`` (see the state's docstring)."""
+def init_second_moment(
+    params: Any, factored_dims: FactoredDims, min_dim: int | None, dims: list[int]
+) -> tuple[Any, Any, Any]:
+    """``(v_row, v_col, v)`` trees of zeros for ``params`` (see the state's docstring).
 
-    def init(x):
-        return init_stats(x, factored_axes(jnp.shape(x), factored_dims, min_dim))
+    ``dims`` holds each leaf's batch axes, in ``jax.tree.leaves`` order.
+    """
 
-    return _leaves.unzip_tree(init, params, 3)
+    def init(x, b):
+        return init_stats(x, factored_axes(jnp.shape(x), factored_dims, min_dim, b))
+
+    return _leaves.unzip_tree(init, params, 3, dims)
 
 
 STAT_FIELDS = {"v_row": "row", "v_col": "col", "v": "full"}
@@ -251,6 +269,8 @@ def scale_by_factored_second_moment(
     debias: bool = False,
     factored_dims: FactoredDims = "last_two",
     min_dim_size_to_factor: int | None = None,
+    batch_dims: Any = None,
+    group_leaves: bool = False,
 ) -> optax.GradientTransformation:
     r"""Scales updates by the inverse root of CAME's factored second moment.
 
@@ -296,6 +316,10 @@ def scale_by_factored_second_moment(
       factored_dims: which axes to factor; see :func:`factored_axes`.
       min_dim_size_to_factor: minimum size of both factored axes; None (the
         reference) factors every leaf of rank >= 2.
+      batch_dims: leading axes of each leaf that hold independent copies (see
+        :func:`came_optax.came`); they are never factored.
+      group_leaves: keep the statistics stacked per group of same-shaped leaves
+        and update each group at once (see :func:`came_optax.came`).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a
@@ -325,20 +349,26 @@ def scale_by_factored_second_moment(
         factored_axes, factored_dims=factored_dims, min_dim_size_to_factor=min_dim_size_to_factor
     )
 
+    _checks.check_bool("group_leaves", group_leaves)
+
     def init_fn(params):
         _checks.check_param_leaves(params, who)
-        v_row, v_col, v = init_second_moment(params, *factoring)
-        return FactoredSecondMomentState(jnp.zeros([], jnp.int32), v_row, v_col, v)
+        dims = _leaves.batch_dims_of(batch_dims, params, who)
+        stats = dict(zip(STAT_FIELDS, init_second_moment(params, *factoring, dims), strict=True))
+        stats = _leaves.init_fields(stats, params, batch_dims, group_leaves, who)
+        return FactoredSecondMomentState(jnp.zeros([], jnp.int32), **stats)
 
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
 
-        def leaf(g, axes, row, col, full):
+        def leaf(g, axes, _, row, col, full):
             (correction,) = bias_corrections((b2,), count, _leaves.stat_dtype(g.dtype), debias)
             return second_moment(g, row, col, full, axes, b2, eps1, correction)
 
-        outs, stats = _leaves.update_leaves(leaf, updates, state, STAT_FIELDS, axes_of, who)
+        outs, stats = _leaves.update_leaves(
+            leaf, updates, state, STAT_FIELDS, axes_of, batch_dims, who
+        )
         return outs, FactoredSecondMomentState(count, **stats)
 
     return optax.GradientTransformation(init_fn, update_fn)

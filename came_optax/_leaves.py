@@ -21,11 +21,13 @@ rebuilds the trees.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from came_optax import _checks
 
@@ -69,10 +71,13 @@ def unboxed(fn: Callable[[Any], Any], params: Any) -> Any:
     return jax.tree.map(lambda x: fn(_unbox(x)), params, is_leaf=is_box)
 
 
-def unzip_tree(fn: Callable[[Any], tuple[Any, ...]], params: Any, n: int) -> tuple[Any, ...]:
-    """``n`` trees (without boxes) from ``fn`` of each parameter array, which returns n values."""
+def unzip_tree(fn: Callable[..., tuple[Any, ...]], params: Any, n: int, *args: list) -> tuple:
+    """``n`` trees (without boxes) from ``fn`` of each parameter array, which returns n values.
+
+    Each of ``args`` holds one more argument of ``fn`` per leaf.
+    """
     leaves, treedef = jax.tree.flatten(params, is_leaf=is_box)
-    results = [fn(_unbox(x)) for x in leaves]
+    results = [fn(_unbox(x), *a) for x, *a in zip(leaves, *args, strict=True)]
     return tuple(treedef.unflatten([r[i] for r in results]) for i in range(n))
 
 
@@ -99,6 +104,129 @@ def _expected_shape(kind: FieldKind, shape: tuple[int, ...], axes: Any) -> tuple
     return None
 
 
+def per_leaf(value: Any, tree: Any, name: str, who: str) -> list[Any]:
+    """``value`` for each leaf of ``tree``, in ``jax.tree.leaves`` order.
+
+    ``value`` is one value for every leaf, a tree with ``tree``'s structure (its metadata boxes
+    may be left out), or a callable of ``tree`` returning either, as ``optax.masked``'s mask.
+    """
+    if callable(value):
+        value = value(tree)
+    count = len(jax.tree.leaves(tree))
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)) and value is not None:
+        return [value] * count
+    for treedef in (jax.tree.structure(tree), jax.tree.structure(tree, is_leaf=is_box)):
+        try:
+            return treedef.flatten_up_to(value)
+        except (ValueError, TypeError):
+            continue
+    raise ValueError(
+        f"{who}: {name} must be one value, a tree with the parameters' structure or a callable "
+        f"of the parameters returning one; got a tree of structure {jax.tree.structure(value)} "
+        f"for parameters of structure {jax.tree.structure(tree, is_leaf=is_box)}."
+    )
+
+
+def batch_dims_of(batch_dims: Any, tree: Any, who: str) -> list[int]:
+    """Each leaf's number of leading batch axes (see :func:`per_leaf`; None is 0), validated."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    dims = per_leaf(0 if batch_dims is None else batch_dims, tree, "batch_dims", who)
+    for (path, leaf), b in zip(flat, dims, strict=True):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 0:
+            raise ValueError(
+                f"{who}: batch_dims must be Python ints >= 0 decided at trace time; got {b!r} for "
+                f"{_checks.leaf_name(path)}. Under optax.inject_hyperparams, pass "
+                "static_args=('batch_dims',)."
+            )
+        if b > len(jnp.shape(leaf)):
+            raise ValueError(
+                f"{who}: batch_dims={b} for {_checks.leaf_name(path)}, which has only "
+                f"{len(jnp.shape(leaf))} axes (shape {jnp.shape(leaf)}). Give such leaves "
+                "batch_dims 0 with a tree or a callable of the parameters."
+            )
+    return [int(b) for b in dims]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Grouped:
+    """A statistic kept per group of same-shaped leaves (``group_leaves=True``).
+
+    Attributes:
+      stacks: one array per group: its leaves' statistics stacked along a new leading axis.
+      members: per group, the indices of its leaves in ``jax.tree.leaves`` order (static).
+      treedef: the per-leaf tree's structure (static), which :meth:`ungrouped` rebuilds.
+    """
+
+    stacks: tuple[Any, ...]
+    members: tuple[tuple[int, ...], ...] = dataclasses.field(metadata={"static": True})
+    treedef: Any = dataclasses.field(metadata={"static": True})
+
+    def ungrouped(self) -> Any:
+        """The per-leaf tree: each group's stack split back into its leaves."""
+        leaves: list[Any] = [None] * self.treedef.num_leaves
+        for stack, members in zip(self.stacks, self.members, strict=True):
+            for j, i in enumerate(members):
+                leaves[i] = _row(stack, j)
+        return self.treedef.unflatten(leaves)
+
+
+def _row(stack: Any, j: int) -> Any:
+    if isinstance(stack, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype)
+    return stack[j]
+
+
+def group(tree: Any, members: tuple[tuple[int, ...], ...]) -> Grouped:
+    """``tree``'s leaves stacked per group of ``members``."""
+    leaves = jax.tree.leaves(tree)
+    stacks = tuple(jnp.stack([leaves[i] for i in m]) for m in members)
+    return Grouped(stacks, members, jax.tree.structure(tree))
+
+
+def _explicit_spec(x: Any) -> Any:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+        return None
+    return sharding.spec
+
+
+def group_members(params: Any, dims: list[int], who: str) -> tuple[tuple[int, ...], ...]:
+    """Indices of the leaves of ``params`` grouped by shape, dtype and batch axes.
+
+    Groups come in the order of their first leaf. Leaves of one group must be placed alike
+    where their type says how (explicit mesh axes): stacking differently sharded leaves
+    would move them between devices.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    groups: dict[Any, list[int]] = {}
+    for i, ((_, leaf), b) in enumerate(zip(flat, dims, strict=True)):
+        key = (tuple(jnp.shape(leaf)), jnp.dtype(jnp.result_type(leaf)), b)
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        first = _explicit_spec(flat[members[0]][1])
+        for i in members[1:]:
+            spec = _explicit_spec(flat[i][1])
+            if spec != first:
+                name = _checks.leaf_name(flat[members[0]][0])
+                raise ValueError(
+                    f"{who}: group_leaves=True would stack {name} "
+                    f"(sharded {first}) with {_checks.leaf_name(flat[i][0])} (sharded {spec}), "
+                    "which moves data between devices. Optimize them in separate "
+                    "optax.partition groups, or keep group_leaves=False."
+                )
+    return tuple(tuple(m) for m in groups.values())
+
+
+def init_fields(fields: dict[str, Any], params: Any, batch_dims: Any, group_leaves: bool, who):
+    """Per-leaf state ``fields``, or, with ``group_leaves``, each stacked per group."""
+    if not group_leaves or not jax.tree.leaves(params):
+        return fields
+    members = group_members(params, batch_dims_of(batch_dims, params, who), who)
+    return {name: group(tree, members) for name, tree in fields.items()}
+
+
 def _field_leaves(tree: Any, name: str, kind: FieldKind, treedef: Any, who: str) -> list[Any]:
     """The leaves of one state field, checked to be one per update leaf."""
     if kind == "param" and jax.tree.structure(tree) != treedef:
@@ -117,39 +245,91 @@ def _field_leaves(tree: Any, name: str, kind: FieldKind, treedef: Any, who: str)
     return leaves
 
 
+def _units(updates: Any, state: Any, fields: Mapping[str, FieldKind], who: str):
+    """``(leaf indices, statistics)`` per unit of work: one leaf, or one group of leaves."""
+    trees = [getattr(state, f) for f in fields]
+    treedef = jax.tree.structure(updates)
+    if not any(isinstance(t, Grouped) for t in trees):
+        pairs = zip(trees, fields.items(), strict=True)
+        stats = [_field_leaves(t, f, k, treedef, who) for t, (f, k) in pairs]
+        return [((i,), s) for i, s in enumerate(zip(*stats, strict=True))], False
+    if not all(isinstance(t, Grouped) for t in trees):
+        raise ValueError(f"{who}: the optimizer state mixes grouped and per-leaf statistics.")
+    members = trees[0].members
+    if trees[0].treedef.num_leaves != treedef.num_leaves:
+        raise ValueError(
+            f"{who}: the updates have {treedef.num_leaves} leaves but the optimizer state's "
+            f"groups hold {trees[0].treedef.num_leaves}. Pass updates with the tree structure "
+            "of the parameters given to init."
+        )
+    stacks = zip(*(t.stacks for t in trees), strict=True)
+    return list(zip(members, stacks, strict=True)), True
+
+
 def update_leaves(
     step: Callable[..., tuple[Any, ...]],
     updates: Any,
     state: Any,
     fields: Mapping[str, FieldKind],
-    axes_of: Callable[[tuple[int, ...]], Any],
+    axes_of: Callable[..., Any],
+    batch_dims: Any,
     who: str,
 ) -> tuple[Any, dict[str, Any]]:
     """Runs ``step`` on each leaf of ``updates`` and the matching leaves of ``state``'s fields.
 
-    ``step(g, axes, *stats) -> (out, *new_stats)`` gets the update leaf in its compute dtype,
-    the leaf's factored axes (``axes_of(shape)``) and one leaf of each field of ``fields``, in
-    order. Returns the outputs in the updates' structure and the new fields, each in the
-    structure of the old one. Raises ValueError naming the first update leaf whose dtype,
-    or whose statistics' shapes, do not fit.
+    ``step(g, axes, batch_dims, *stats) -> (out, *new_stats)`` gets the update leaf in its
+    compute dtype, the leaf's factored axes (``axes_of(shape, batch_dims=b)``), its number of
+    leading batch axes and one leaf of each field of ``fields``, in order. Where the state
+    is :class:`Grouped`, ``step`` runs once per group on the group's leaves stacked along a
+    new leading axis (one more batch axis) and their stacked statistics. Returns the outputs
+    in the updates' structure and the new fields, each in the structure of the old one.
+    Raises ValueError naming the first update leaf whose dtype, or whose statistics'
+    shapes, do not fit.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
     paths, leaves = [p for p, _ in flat], [x for _, x in flat]
     _checks.check_float_leaves(paths, leaves, "update", who)
-    stats = [_field_leaves(getattr(state, f), f, k, treedef, who) for f, k in fields.items()]
-    results = []
-    for path, g, *leaf_stats in zip(paths, leaves, *stats, strict=True):
-        axes = axes_of(jnp.shape(g))
-        for (name, kind), stat in zip(fields.items(), leaf_stats, strict=True):
-            expected = _expected_shape(kind, jnp.shape(g), axes)
+    dims = batch_dims_of(batch_dims, updates, who)
+    units, grouped = _units(updates, state, fields, who)
+    outs: list[Any] = [None] * len(leaves)
+    new: list[list[Any]] = [[] for _ in fields]
+    for members, stats in units:
+        first = members[0]
+        shape, b = jnp.shape(leaves[first]), dims[first]
+        axes = axes_of(shape, batch_dims=b)
+        for i in members:
+            if jnp.shape(leaves[i]) != shape or dims[i] != b:
+                raise ValueError(
+                    f"{who}: the update {_checks.leaf_name(paths[i])} has shape "
+                    f"{jnp.shape(leaves[i])} (batch_dims {dims[i]}), but the optimizer state "
+                    f"groups it with leaves of shape {shape} (batch_dims {b}). Pass updates with "
+                    "the tree structure and shapes of the parameters given to init."
+                )
+        for (name, kind), stat in zip(fields.items(), stats, strict=True):
+            expected = _expected_shape(kind, shape, axes)
+            if expected is not None and grouped:
+                expected = (len(members), *expected)
             if expected is not None and tuple(jnp.shape(stat)) != expected:
                 raise ValueError(
-                    f"{who}: the update {_checks.leaf_name(path)} has shape {jnp.shape(g)}, but "
+                    f"{who}: the update {_checks.leaf_name(paths[first])} has shape {shape}, but "
                     f"the optimizer state's {name} holds shape {jnp.shape(stat)} there "
                     f"(expected {expected}). Pass updates with the tree structure and shapes "
                     "of the parameters given to init."
                 )
-        results.append(step(g.astype(compute_dtype(g.dtype)), axes, *leaf_stats))
-    columns = [[r[i] for r in results] for i in range(len(fields) + 1)]
-    new = {f: like(getattr(state, f), c) for f, c in zip(fields, columns[1:], strict=True)}
-    return jax.tree.unflatten(treedef, columns[0]), new
+        g = [leaves[i].astype(compute_dtype(leaves[i].dtype)) for i in members]
+        if grouped:
+            stacked_axes = None if axes is None else (axes[0] + 1, axes[1] + 1)
+            out, *results = step(jnp.stack(g), stacked_axes, b + 1, *stats)
+            for j, i in enumerate(members):
+                outs[i] = out[j]
+        else:
+            out, *results = step(g[0], axes, b, *stats)
+            outs[first] = out
+        for column, result in zip(new, results, strict=True):
+            column.append(result)
+    trees = [getattr(state, f) for f in fields]
+    if grouped:
+        rebuilt = [dataclasses.replace(t, stacks=tuple(c)) for t, c in zip(trees, new, strict=True)]
+    else:
+        rebuilt = [like(t, c) for t, c in zip(trees, new, strict=True)]
+    return jax.tree.unflatten(treedef, outs), dict(zip(fields, rebuilt, strict=True))

@@ -51,11 +51,12 @@ _TILES = ((16, 16), (8, 32), (32, 8), (4, 64), (64, 4), (2, 128), (128, 2), (1, 
 _ROW_GROUP = 8
 
 
-def block_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def block_shape(shape: tuple[int, ...], batch_dims: int = 0) -> tuple[int, ...] | None:
     """The block of a leaf of shape ``shape``, as a shape of the same rank, or None.
 
     None means the leaf is not quantized: fewer than 4096 elements, a scalar, or last two axes
-    (last axis for a vector) that no tile of 256 elements divides.
+    (last axis for a vector) that no tile of 256 elements divides. With ``batch_dims``, the
+    rule applies to each copy ``shape[batch_dims:]``, and the block spans one copy.
 
     Example:
       >>> from came_optax._quantize import block_shape
@@ -63,7 +64,12 @@ def block_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
       ((16, 16), (1, 256), (256,))
       >>> block_shape((64, 32)) is None, block_shape((3, 5000)) is None
       (True, True)
+      >>> block_shape((12, 768), batch_dims=1) is None, block_shape((12, 8192), batch_dims=1)
+      (True, (1, 256))
     """
+    if batch_dims:
+        block = block_shape(shape[batch_dims:])
+        return None if block is None else (1,) * batch_dims + block
     if len(shape) == 0 or math.prod(shape) < MIN_ELEMENTS:
         return None
     if len(shape) == 1:
@@ -73,6 +79,11 @@ def block_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
         if rows % tile[0] == 0 and cols % tile[1] == 0:
             return (1,) * (len(shape) - 2) + tile
     return None
+
+
+def block_of(shape: tuple[int, ...], scales: tuple[int, ...]) -> tuple[int, ...]:
+    """The block of a quantized leaf of shape ``shape`` whose scales have shape ``scales``."""
+    return tuple(n // s for n, s in zip(shape, scales, strict=True))
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
