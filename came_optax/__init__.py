@@ -21,7 +21,7 @@ from came_optax._rounding import StochasticRoundingState, stochastic_round_to_pa
 from came_optax._sharding import state_shardings
 
 # The package's release; a saved state's layout has its own number (STATE_LAYOUT_VERSION).
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ConfidenceState",
