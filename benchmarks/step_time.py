@@ -42,10 +42,11 @@ OPTIMIZERS = {
     "came debias cautious": lambda: came_optax.came(
         1e-4, weight_decay=0.01, debias=True, cautious=True
     ),
+    "came grouped": lambda: came_optax.came(1e-4, weight_decay=0.01, group_leaves=True),
     "adamw": lambda: optax.adamw(1e-4, weight_decay=0.01),
     "adafactor": lambda: optax.adafactor(1e-4),
 }
-DEFAULT_OPTIMIZERS = ("came", "adamw", "adafactor")
+DEFAULT_OPTIMIZERS = ("came", "came grouped", "adamw", "adafactor")
 BASELINE = "adamw"
 
 

@@ -16,15 +16,17 @@ from came_optax._factored import (
     factored_axes,
     scale_by_factored_second_moment,
 )
+from came_optax._leaves import Grouped
 from came_optax._rounding import StochasticRoundingState, stochastic_round_to_param_dtype
 from came_optax._sharding import state_shardings
 
 # The package's release; a saved state's layout has its own number (STATE_LAYOUT_VERSION).
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ConfidenceState",
     "FactoredSecondMomentState",
+    "Grouped",
     "STATE_LAYOUT_VERSION",
     "ScaleByCameState",
     "StochasticRoundingState",

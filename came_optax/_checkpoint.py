@@ -156,7 +156,9 @@ class _Match:
         return jnp.asarray(source)
 
     def per_leaf(self, target: Any, source: Any, path: tuple[Any, ...]) -> Any:
-        """Layout 1's per-leaf tuple of a statistic as a tree like the parameters."""
+        """Layout 1's per-leaf tuple of a statistic as a tree like the parameters (or grouped)."""
+        if isinstance(target, _leaves.Grouped):
+            return _leaves.group(self.per_leaf(target.ungrouped(), source, path), target.members)
         flat, treedef = jax.tree_util.tree_flatten_with_path(target)
         if len(source) != len(flat):
             raise self.error(
@@ -166,6 +168,28 @@ class _Match:
             )
         leaves = [self.leaf(t, s, path + p, True) for (p, t), s in zip(flat, source, strict=True)]
         return jax.tree.unflatten(treedef, leaves)
+
+    def regroup(self, target: Any, source: Any, path: tuple[Any, ...], stat, fill) -> Any:
+        """``source`` in the per-leaf layout where ``target`` is grouped, or the other way."""
+        grouped = isinstance(target, _leaves.Grouped)
+        if not self.upgrade:
+            layouts = ("per-leaf", "grouped") if grouped else ("grouped", "per-leaf")
+            raise self.error(
+                path,
+                f"is kept {layouts[0]} in the checkpoint but {layouts[1]} by tx (group_leaves="
+                f"{grouped}); convert the state with came_optax.upgrade_state(state, tx, params).",
+            )
+        if grouped:
+            matched = self(target.ungrouped(), source, path, stat, fill)
+            return _leaves.group(matched, target.members)
+        if not isinstance(source, _leaves.Grouped):
+            raise self.error(
+                path,
+                "holds grouped statistics restored without their types, which do not say which "
+                "leaves each group holds: restore the checkpoint into the state of the optimizer "
+                "that saved it (group_leaves=True), then convert it with upgrade_state.",
+            )
+        return self(target, source.ungrouped(), path, stat, fill)
 
     def merge_v1_chain(self, target: Any, source: Any, path: tuple[Any, ...]) -> Any:
         """Layout 1's ``came()`` chain as layout 2's, or ``source`` unchanged."""
@@ -203,6 +227,8 @@ class _Match:
         """``source`` rebuilt in ``target``'s structure; ``stat``: inside a statistic's tree
         (where layout 1 has None for a placeholder); ``fill``: missing entries take
         ``tx.init``'s values."""
+        if isinstance(target, _leaves.Grouped) != _is_grouped(source):
+            return self.regroup(target, source, path, stat, fill)
         targets = _children(target)
         if targets is None:
             return self.leaf(target, source, path, stat)
@@ -237,6 +263,13 @@ class _Match:
             return None
         treedef = jax.tree.structure(target, is_leaf=lambda y: y is not target)
         return jax.tree.unflatten(treedef, values)
+
+
+def _is_grouped(x: Any) -> bool:
+    """A grouped statistic, typed or restored raw (a mapping holding only its stacks)."""
+    if isinstance(x, _leaves.Grouped):
+        return True
+    return isinstance(x, dict) and set(map(str, x)) == {"stacks"}
 
 
 def _appended(target: Any, sources: dict, missing: list) -> bool:

@@ -506,3 +506,54 @@ def test_linen_get_partition_spec_recipe_gives_valid_specs():
     for leaf, sharding in zip(leaves, jax.tree.leaves(shardings), strict=True):
         assert len(sharding.spec) <= leaf.ndim
         sharding.shard_shape(leaf.shape)  # raises for an invalid spec
+
+
+# --- group_leaves on a mesh ------------------------------------------------------------------
+
+GROUP_SPECS = {"w": [P("data", "model")] * 3, "b": [P("model")] * 3}
+
+
+def _collectives(compiled):
+    text = compiled.as_text()
+    kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    return {k: text.count(f" {k}(") + text.count(f" {k}-start(") for k in kinds}
+
+
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_grouped_state_is_stacked_sharded_and_adds_no_collective(axis_type):
+    mesh = make_mesh((2, 4), axis_type)
+    keys = jax.random.split(jax.random.key(0), 6)
+    params = {
+        "w": [jax.random.normal(k, (16, 64)) for k in keys[:3]],
+        "b": [jax.random.normal(k, (64,)) for k in keys[3:]],
+    }
+    grads = jax.tree.map(lambda x: jnp.cos(3 * x), params)
+    with jax.set_mesh(mesh):
+        placed, placed_grads = (place(t, mesh, GROUP_SPECS) for t in (params, grads))
+        results, collectives = {}, {}
+        for group in (False, True):
+            tx = came_optax.came(1e-2, group_leaves=group, debias=True)
+            shardings = state_shardings(tx, placed)
+            state = jax.jit(tx.init, out_shardings=shardings)(placed)
+            update = jax.jit(tx.update, out_shardings=(None, shardings))
+            collectives[group] = _collectives(update.lower(placed_grads, state, placed).compile())
+            results[group], state = update(placed_grads, state, placed)
+        came = state[0]
+    # Each group's stack keeps its members' placement, behind the new leading axis.
+    assert came.mu.stacks[1].sharding.spec == P(None, "data", "model")
+    assert came.v_row.stacks[1].sharding.spec == P(None, "data")
+    assert came.v_col.stacks[1].sharding.spec == P(None, "model")
+    # One reduction per group instead of one per leaf: fewer all-reduces, of stacked means.
+    assert all(collectives[True][k] <= collectives[False][k] for k in collectives[True])
+    for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_grouping_differently_sharded_leaves_is_refused_with_explicit_axes():
+    mesh = make_mesh((2, 4), "explicit")
+    specs = {"a": P("data", "model"), "b": P("model", "data")}
+    params = {"a": jnp.ones((16, 16)), "b": jnp.ones((16, 16))}
+    with jax.set_mesh(mesh):
+        placed = place(params, mesh, specs)
+        with pytest.raises(ValueError, match=r"would stack \['a'\] .* with \['b'\]"):
+            came_optax.came(1e-2, group_leaves=True).init(placed)
