@@ -136,3 +136,28 @@ def test_convergence_study_finds_every_lr_of_its_grid_learns(tmp_path):
     # Every rate of the grid leaves the uniform guess far behind; the best is the minimum.
     assert max(finals) < UNIFORM_DIGIT_LOSS / 2, row["by_lr"]
     assert row["mean"] == min(finals)
+
+
+@pytest.mark.slow
+def test_many_layers_grouped_and_scanned_came_follow_the_per_leaf_run(tmp_path):
+    # With --cautious, so that the kept fraction per layer is covered too: over 40 small
+    # steps its sign test has not turned rounding into drift.
+    stdout = run_example(
+        "many_layers.py", tmp_path, "--layers=3", "--d-model=16", "--steps=40",
+        "--batch-size=4", "--seq-len=16", "--cautious",
+    )  # fmt: skip
+    assert "| model | optimizer | options | leaves | state arrays | compile s |" in stdout
+    assert (tmp_path / "many_layers.png").stat().st_size > 0
+    report = json.loads((tmp_path / "many_layers.json").read_text())
+    for run in report["runs"]:
+        assert_lm_losses_fall(run)
+    came = {(r["model"], r["options"]): r for r in report["runs"] if r["optimizer"] == "came"}
+    per_leaf = came["unscanned", "per leaf"]["train_losses"]
+    # Both start from the same weights and see the same batches: grouping the leaves, or
+    # scanning the layers and saying so with batch_dims, leaves only float32 rounding.
+    for same in [("unscanned", "group_leaves=True"), ("scanned", "batch_dims=1 on blocks")]:
+        np.testing.assert_allclose(came[same]["train_losses"], per_leaf, rtol=1e-4, err_msg=same)
+    # Without batch_dims the stacked layers are one tensor each: another optimizer, whose
+    # losses leave that tolerance.
+    drifted = came["scanned", "batch_dims=0"]["train_losses"]
+    assert not np.allclose(drifted, per_leaf, rtol=1e-4, atol=0)
