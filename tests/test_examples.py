@@ -5,7 +5,7 @@ finite, and a run ends well below where it started and below the loss of a unifo
 (ln 256 nats per byte for the language model, ln 10 for the digits); the script also
 prints its markdown table and writes its PNG. The full-size numbers are what the README
 reports. Each test starts a fresh process that compiles one training loop per optimizer
-(20-35 s on two CPU cores), so all are marked slow.
+(15-45 s on two CPU cores), so all are marked slow.
 """
 
 from __future__ import annotations
