@@ -117,7 +117,8 @@ def per_leaf(value: Any, tree: Any, name: str, who: str) -> list[Any]:
         return [value] * count
     for treedef in (jax.tree.structure(tree), jax.tree.structure(tree, is_leaf=is_box)):
         try:
-            return treedef.flatten_up_to(value)
+            # A value may sit in a metadata box where the tree has none (nnx.Optimizer unboxes).
+            return [_unbox(v) for v in treedef.flatten_up_to(value)]
         except (ValueError, TypeError):
             continue
     raise ValueError(

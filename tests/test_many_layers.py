@@ -365,3 +365,13 @@ def test_nnx_optimizer_with_a_scanned_model_and_grouped_leaves():
     optimizer.update(model, grads)
     assert isinstance(optimizer.opt_state[0].mu, came_optax.Grouped)
     assert_close_to_movement(nnx.state(model, nnx.Param), expected, start, tol=1e-6)
+
+
+def test_batch_dims_as_a_tree_of_nnx_variables_fits_unboxed_updates():
+    nnx = pytest.importorskip("flax.nnx")
+    params = nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    ones = jax.tree.map(lambda _: 1, params)  # Params holding 1, as a user writes it
+    plain = nnx.pure(params)  # what nnx.Optimizer hands the optimizer
+    tx = came_optax.came(1e-2, batch_dims=ones)
+    state = tx.init(plain)
+    assert state[0].v["kernel"].shape == (4, 3)  # each row of the kernel is a copy
