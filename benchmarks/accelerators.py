@@ -29,6 +29,7 @@ Needs libtpu for the TPU targets (``pip install -e ".[tpu]"``) and ``jax-cuda12-
 
     python benchmarks/accelerators.py --model gpt2-4
     python benchmarks/accelerators.py --model llama-1b --target tpu-v5e-8,h100 --markdown
+    python benchmarks/accelerators.py --model gpt2-small --optimizers "came,came grouped,adamw"
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import came_optax
 # Config: the optimizers compared (ratios are to BASELINE's), the models and the compile targets.
 OPTIMIZERS = {
     "came": came_optax.came(1e-3),
+    "came grouped": came_optax.came(1e-3, group_leaves=True),
     "came debias": came_optax.came(1e-3, debias=True),
     "came bf16 mu": came_optax.came(1e-3, mu_dtype="bfloat16"),
     "came int8 mu": came_optax.came(1e-3, mu_dtype="int8"),
@@ -141,14 +143,19 @@ def sharded_params(shapes: dict, target: str) -> dict:
     )
 
 
-def compile_step(tx: optax.GradientTransformation, params: dict) -> tuple[Any, Any]:
-    """The compiled donated step and the optimizer state's ShapeDtypeStructs."""
-    shardings = came_optax.state_shardings(tx, params)
-    state = jax.tree.map(
+def abstract_state(tx: optax.GradientTransformation, params: dict) -> Any:
+    """The optimizer state's ShapeDtypeStructs, placed by ``came_optax.state_shardings``."""
+    return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(tx.init, params),
-        shardings,
+        came_optax.state_shardings(tx, params),
     )
+
+
+def compile_step(tx: optax.GradientTransformation, params: dict) -> tuple[Any, Any]:
+    """The compiled donated step and the optimizer state's ShapeDtypeStructs."""
+    state = abstract_state(tx, params)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -384,8 +391,16 @@ def main() -> None:
         help=f"repeatable or comma-separated, from {', '.join(TARGETS)} "
         f"(default: {', '.join(DEFAULT_TARGETS)})",
     )
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        help=f"comma-separated from {', '.join(OPTIMIZERS)} (default: all)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     args = parser.parse_args()
+    names = args.optimizers.split(",")
+    if [n for n in names if n not in OPTIMIZERS]:
+        parser.error(f"--optimizers: choose from {list(OPTIMIZERS)}; got {names}")
     # The programs are compiled for described chips and never run: the host needs only its CPU.
     jax.config.update("jax_platforms", "cpu")
     targets = [t for arg in args.target or [",".join(DEFAULT_TARGETS)] for t in arg.split(",")]
@@ -401,9 +416,9 @@ def main() -> None:
     )
     for target in targets:
         results = {}
-        for name, tx in OPTIMIZERS.items():
+        for name in names:
             print(f"compiling {name} for {target} ...", file=sys.stderr, flush=True)
-            results[name] = compiled_cost(tx, shapes, target)
+            results[name] = compiled_cost(OPTIMIZERS[name], shapes, target)
         device = mesh(target).devices.flat[0].device_kind
         chips = math.prod(TARGETS[target].mesh)
         layout = f"{chips} chip" if chips == 1 else f"{chips} chips, mesh {TARGETS[target].mesh}"

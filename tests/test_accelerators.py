@@ -51,6 +51,11 @@ MAX_CONDITIONALS = 0
 # B/param); the bound keeps that from growing.
 MAX_GPU_BYTES_VS_ADAMW = 1.70
 MAX_GPU_KERNELS_PER_LEAF = 7.0
+# From the issue "Many layers": with group_leaves=True, GPT-2 small unscanned (12 blocks, 148
+# leaves) runs one batched update per group of same-shaped leaves: at most 2 kernels per leaf on
+# H100, within the same bytes bound. A group's kernels are shared by its leaves, so fewer blocks
+# give more per leaf (2.4 with 4 blocks).
+MAX_GPU_GROUPED_KERNELS_PER_LEAF = 2.0
 
 # Arguments: the model ("gpt2-1-tiny" or a name in accelerators.MODELS), the targets and the
 # optimizers (names in accelerators.OPTIMIZERS), comma-separated.
@@ -89,12 +94,17 @@ def _compiled_costs(model: str, targets: tuple[str, ...], names: tuple[str, ...]
 
 @pytest.fixture(scope="module")
 def tpu_costs() -> dict:
-    return _compiled_costs("gpt2-1-tiny", TPU_TARGETS, (*TPU_CAME, "adamw"))
+    return _compiled_costs("gpt2-1-tiny", TPU_TARGETS, (*TPU_CAME, "came grouped", "adamw"))
 
 
 @pytest.fixture(scope="module")
 def h100_costs() -> dict:
     return _compiled_costs("gpt2-4", ("h100",), (*GPU_CAME, "adamw"))["h100"]
+
+
+@pytest.fixture(scope="module")
+def h100_grouped_costs() -> dict:
+    return _compiled_costs("gpt2-small", ("h100",), ("came grouped", "adamw"))["h100"]
 
 
 @needs_libtpu
@@ -119,6 +129,15 @@ def test_came_bytes_within_bound_of_adamw(tpu_costs, target, name):
 @pytest.mark.parametrize("target", TPU_TARGETS)
 def test_came_program_has_no_conditional(tpu_costs, target, name):
     assert tpu_costs[target][name]["conditionals"] <= MAX_CONDITIONALS
+
+
+@needs_libtpu
+def test_grouping_adds_no_collective_on_8_chips(tpu_costs):
+    # Stacked leaves are sharded alike, so a group's statistics reduce over the same mesh axes as
+    # its leaves' did: no collective of a kind, or in a number, that per-leaf came has not.
+    costs = tpu_costs["tpu-v5e-8"]
+    grouped, per_leaf = costs["came grouped"]["collectives"], costs["came"]["collectives"]
+    assert all(n <= per_leaf.get(kind, 0) for kind, n in grouped.items()), (grouped, per_leaf)
 
 
 @needs_cuda_plugin
@@ -146,3 +165,18 @@ def test_h100_came_kernels_per_leaf_within_bound(h100_costs, name):
 @pytest.mark.parametrize("name", GPU_CAME)
 def test_h100_came_program_has_no_conditional(h100_costs, name):
     assert h100_costs[name]["conditionals"] <= MAX_CONDITIONALS
+
+
+@needs_cuda_plugin
+def test_h100_grouped_came_kernels_per_leaf_within_bound(h100_grouped_costs):
+    costs = h100_grouped_costs["came grouped"]
+    per_leaf = costs["kernels"] / costs["leaves"]
+    assert per_leaf <= MAX_GPU_GROUPED_KERNELS_PER_LEAF, f"{per_leaf:.2f} kernels per leaf"
+
+
+@needs_cuda_plugin
+def test_h100_grouped_came_bytes_within_bound_of_adamw(h100_grouped_costs):
+    ratio = (
+        h100_grouped_costs["came grouped"]["hbm_bytes"] / h100_grouped_costs["adamw"]["hbm_bytes"]
+    )
+    assert ratio <= MAX_GPU_BYTES_VS_ADAMW, f"{ratio:.3f}x adamw's HBM bytes"
