@@ -195,6 +195,16 @@ def came(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
 
+    Four layers stacked for a scan, each with its own statistics and clip; and
+    four separate layers kept as one stacked group:
+
+    >>> stacked = {'w': jnp.ones((4, 3, 2))}
+    >>> came_optax.came(1e-3, batch_dims=1).init(stacked)[0].v_row['w'].shape
+    (4, 3)
+    >>> layers = [jnp.ones((3, 2)) for _ in range(4)]
+    >>> came_optax.came(1e-3, group_leaves=True).init(layers)[0].mu.stacks[0].shape
+    (4, 3, 2)
+
   References:
     Luo et al., CAME: Confidence-guided Adaptive Memory Efficient
     Optimization, ACL 2023 (arXiv:2307.02047); came-pytorch 0.1.3.

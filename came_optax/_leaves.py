@@ -157,6 +157,13 @@ class Grouped:
       stacks: one array per group: its leaves' statistics stacked along a new leading axis.
       members: per group, the indices of its leaves in ``jax.tree.leaves`` order (static).
       treedef: the per-leaf tree's structure (static), which :meth:`ungrouped` rebuilds.
+
+    Example:
+      >>> import jax.numpy as jnp, came_optax
+      >>> params = {'a': jnp.ones((3, 2)), 'b': jnp.ones(2), 'c': jnp.ones((3, 2))}
+      >>> mu = came_optax.came(1e-3, group_leaves=True).init(params)[0].mu
+      >>> mu.members, [s.shape for s in mu.stacks], mu.ungrouped()['c'].shape
+      (((0, 2), (1,)), [(2, 3, 2), (1, 2)], (3, 2))
     """
 
     stacks: tuple[Any, ...]
