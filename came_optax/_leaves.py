@@ -17,6 +17,12 @@ holds a one-element placeholder, as ``optax.adafactor`` does.
 :func:`update_leaves` is the driver of every CAME transformation: it checks the
 updates against the state, calls the stage's per-leaf function on each leaf and
 rebuilds the trees.
+
+With ``group_leaves=True`` each statistic is instead a :class:`Grouped`: leaves of one
+shape, dtype and number of batch axes (:func:`group_members`) stacked along a new leading
+axis. The driver then calls the per-leaf function once per group, on the stacked
+gradients, with that axis as one more batch axis; ``batch_dims`` makes every per-leaf
+quantity per copy, so a group's update is its leaves' updates.
 """
 
 from __future__ import annotations
