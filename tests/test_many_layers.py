@@ -171,6 +171,16 @@ def test_batch_dims_under_inject_hyperparams_must_be_static():
 
 GROUP_CASES = CASES | {
     "stochastic_rounding_bf16": dict(stochastic_rounding=True, seed=3, weight_decay=0.1),
+    "mask_hyperparams": dict(
+        b1=0.8,
+        b2=0.95,
+        b3=0.99,
+        eps1=1e-20,
+        eps2=1e-12,
+        clip_threshold=0.5,
+        weight_decay=0.1,
+        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+    ),
     "batch_dims": dict(batch_dims=BATCH_DIMS, cautious=True),
 }
 
