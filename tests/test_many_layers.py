@@ -381,7 +381,8 @@ def test_batch_dims_as_a_tree_of_nnx_variables_fits_unboxed_updates():
     nnx = pytest.importorskip("flax.nnx")
     params = nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Param)
     ones = jax.tree.map(lambda _: 1, params)  # Params holding 1, as a user writes it
-    plain = nnx.pure(params)  # what nnx.Optimizer hands the optimizer
+    as_pure = getattr(nnx, "as_pure", None) or nnx.pure  # flax renamed it in 0.12.x
+    plain = as_pure(params)  # the plain arrays nnx.Optimizer hands the optimizer
     tx = came_optax.came(1e-2, batch_dims=ones)
     state = tx.init(plain)
     assert state[0].v["kernel"].shape == (4, 3)  # each row of the kernel is a copy
