@@ -218,8 +218,7 @@ def came(
         _checks.check_range("learning_rate", learning_rate, 0.0)
     _checks.check_range("weight_decay", weight_decay, 0.0)
     _check_mask(mask)
-    if not isinstance(cautious, bool):
-        raise ValueError(f"cautious must be a Python bool decided at trace time; got {cautious!r}.")
+    _checks.check_bool("cautious", cautious)
     preconditioner = came_transformation(
         b1,
         b2,

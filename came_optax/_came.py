@@ -188,7 +188,7 @@ def came_transformation(
         r_row, r_col, _ = _factored.init_second_moment(params, *factoring, dims)
         fields = dict(mu=mu, v_row=v_row, v_col=v_col, v=v, r_row=r_row, r_col=r_col)
         fields = _leaves.init_fields(
-            fields | {"mu_scale": mu_scale}, params, batch_dims, group_leaves, who
+            fields | {"mu_scale": mu_scale}, params, dims, group_leaves, who
         )
         return ScaleByCameState(jnp.zeros([], jnp.int32), **fields)
 

@@ -249,7 +249,7 @@ def scale_by_confidence(
         mu, mu_scale = init_momentum(params, mu_dtype, who, dims)
         stats = _factored.init_second_moment(params, factored_dims, min_dim_size_to_factor, dims)
         fields = {"mu": mu, "r_row": stats[0], "r_col": stats[1], "mu_scale": mu_scale}
-        fields = _leaves.init_fields(fields, params, batch_dims, group_leaves, who)
+        fields = _leaves.init_fields(fields, params, dims, group_leaves, who)
         return ConfidenceState(jnp.zeros([], jnp.int32), **fields)
 
     def update_fn(updates, state, params=None):

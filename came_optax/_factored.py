@@ -355,7 +355,7 @@ def scale_by_factored_second_moment(
         _checks.check_param_leaves(params, who)
         dims = _leaves.batch_dims_of(batch_dims, params, who)
         stats = dict(zip(STAT_FIELDS, init_second_moment(params, *factoring, dims), strict=True))
-        stats = _leaves.init_fields(stats, params, batch_dims, group_leaves, who)
+        stats = _leaves.init_fields(stats, params, dims, group_leaves, who)
         return FactoredSecondMomentState(jnp.zeros([], jnp.int32), **stats)
 
     def update_fn(updates, state, params=None):

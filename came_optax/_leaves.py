@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from came_optax import _checks
+from came_optax import _checks, _quantize
 
 # What a state field holds per leaf, for the shape check: the parameter's shape, a row or
 # column statistic (a placeholder where the leaf is not factored), a full statistic (a
@@ -198,14 +198,6 @@ def group(tree: Any, members: tuple[tuple[int, ...], ...]) -> Grouped:
     return Grouped(stacks, members, jax.tree.structure(tree))
 
 
-def _explicit_spec(x: Any) -> Any:
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
-        return None
-    return sharding.spec
-
-
 def group_members(params: Any, dims: list[int], who: str) -> tuple[tuple[int, ...], ...]:
     """Indices of the leaves of ``params`` grouped by shape, dtype and batch axes.
 
@@ -219,25 +211,32 @@ def group_members(params: Any, dims: list[int], who: str) -> tuple[tuple[int, ..
         key = (tuple(jnp.shape(leaf)), jnp.dtype(jnp.result_type(leaf)), b)
         groups.setdefault(key, []).append(i)
     for members in groups.values():
-        first = _explicit_spec(flat[members[0]][1])
+        first = _quantize.explicit_spec(flat[members[0]][1])
         for i in members[1:]:
-            spec = _explicit_spec(flat[i][1])
+            spec = _quantize.explicit_spec(flat[i][1])
             if spec != first:
                 name = _checks.leaf_name(flat[members[0]][0])
                 raise ValueError(
-                    f"{who}: group_leaves=True would stack {name} "
-                    f"(sharded {first}) with {_checks.leaf_name(flat[i][0])} (sharded {spec}), "
+                    f"{who}: group_leaves=True would stack {name} (sharded {_spec(first)}) "
+                    f"with {_checks.leaf_name(flat[i][0])} (sharded {_spec(spec)}), "
                     "which moves data between devices. Optimize them in separate "
                     "optax.partition groups, or keep group_leaves=False."
                 )
     return tuple(tuple(m) for m in groups.values())
 
 
-def init_fields(fields: dict[str, Any], params: Any, batch_dims: Any, group_leaves: bool, who):
-    """Per-leaf state ``fields``, or, with ``group_leaves``, each stacked per group."""
+def _spec(entries: tuple[Any, ...] | None) -> Any:
+    return None if entries is None else jax.sharding.PartitionSpec(*entries)
+
+
+def init_fields(fields: dict[str, Any], params: Any, dims: list[int], group_leaves: bool, who):
+    """Per-leaf state ``fields``, or, with ``group_leaves``, each stacked per group.
+
+    ``dims`` holds each leaf's batch axes (:func:`batch_dims_of`).
+    """
     if not group_leaves or not jax.tree.leaves(params):
         return fields
-    members = group_members(params, batch_dims_of(batch_dims, params, who), who)
+    members = group_members(params, dims, who)
     return {name: group(tree, members) for name, tree in fields.items()}
 
 

@@ -91,7 +91,7 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ..
     return tuple(n // b for n, b in zip(shape, block, strict=True))
 
 
-def _explicit_spec(x: jax.Array) -> tuple[Any, ...] | None:
+def explicit_spec(x: jax.Array) -> tuple[Any, ...] | None:
     """Per axis of ``x``, the explicit mesh axes it is sharded over; None without any."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
@@ -204,7 +204,7 @@ def _per_platform(fn: Callable[..., Any], x: jax.Array, block: tuple[int, ...], 
     into 16x16 blocks copies it (with the padding of 16 lanes to 128); both layouts give the same
     values, and each platform compiles only its own.
     """
-    spec = _explicit_spec(x)
+    spec = explicit_spec(x)
     tiles = _tiles(x.shape, block, spec)
     groups = _row_groups(block)
     if groups is None:
@@ -281,7 +281,7 @@ def quantize(x: jax.Array, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array
       (arXiv:2110.02861), with a linear map instead of their dynamic one; torchao's 8-bit
       optimizers use blocks of 256.
     """
-    _check_shards(x, block, _explicit_spec(x))
+    _check_shards(x, block, explicit_spec(x))
     return _per_platform(_quantize, x.astype(jnp.float32), block)
 
 
